@@ -1,0 +1,289 @@
+//! The Kafka implementation, on rdkafka (librdkafka built from source).
+//!
+//! Producer: idempotent (`enable.idempotence=true`, which implies
+//! `acks=all`), so a retried send never duplicates or reorders a partition.
+//! Consumers: one per subscription, auto-commit off; the offset of a record is
+//! committed only after its handler succeeded or it was dead-lettered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::try_join_all;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use tokio_util::sync::CancellationToken;
+
+use crate::retry::{Outcome, handle_with_retries};
+use crate::{BusError, ConsumerHandle, EventBus, Handler, Record, Subscription, TopicSpec};
+
+/// Settings for [`KafkaBus`].
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    /// How long a publish may wait for acknowledgement before it fails.
+    pub delivery_timeout: Duration,
+    /// `client.id` prefix, visible in broker logs.
+    pub client_id: String,
+}
+
+impl KafkaSettings {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaSettings {
+            brokers: brokers.into(),
+            delivery_timeout: Duration::from_secs(30),
+            client_id: "rapport".to_owned(),
+        }
+    }
+}
+
+pub struct KafkaBus {
+    settings: KafkaSettings,
+    producer: FutureProducer,
+}
+
+impl KafkaBus {
+    pub fn connect(settings: KafkaSettings) -> Result<Self, BusError> {
+        let timeout_ms = settings.delivery_timeout.as_millis().to_string();
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &settings.brokers)
+            .set("client.id", &settings.client_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", &timeout_ms)
+            .create()
+            .map_err(|error| BusError::Invalid(format!("kafka producer: {error}")))?;
+        Ok(KafkaBus { settings, producer })
+    }
+
+    fn admin(&self) -> Result<AdminClient<DefaultClientContext>, BusError> {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.settings.brokers)
+            .create()
+            .map_err(|error| BusError::Invalid(format!("kafka admin client: {error}")))
+    }
+
+    async fn send(&self, mut record: Record) -> Result<(), BusError> {
+        crate::trace::inject_current(&mut record);
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in &record.headers {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let future_record = FutureRecord::to(&record.topic)
+            .key(record.key.as_bytes())
+            .payload(record.payload.as_slice())
+            .headers(headers);
+        self.producer
+            .send(
+                future_record,
+                Timeout::After(self.settings.delivery_timeout),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|(error, _)| classify(&error))
+    }
+}
+
+fn classify(error: &KafkaError) -> BusError {
+    match error.rdkafka_error_code() {
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::TopicAuthorizationFailed,
+        ) => BusError::Invalid(error.to_string()),
+        _ => BusError::Unavailable(error.to_string()),
+    }
+}
+
+#[async_trait]
+impl EventBus for KafkaBus {
+    async fn publish(&self, record: Record) -> Result<(), BusError> {
+        self.send(record).await
+    }
+
+    async fn publish_batch(&self, records: Vec<Record>) -> Result<(), BusError> {
+        // Sends are queued in order per partition; the idempotent producer
+        // keeps that order through retries.
+        try_join_all(records.into_iter().map(|record| self.send(record))).await?;
+        Ok(())
+    }
+
+    async fn subscribe(
+        &self,
+        subscription: Subscription,
+        handler: Arc<dyn Handler>,
+    ) -> Result<ConsumerHandle, BusError> {
+        if subscription.topics.is_empty() {
+            return Err(BusError::Invalid("subscription names no topic".into()));
+        }
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.settings.brokers)
+            .set("group.id", &subscription.group)
+            .set(
+                "client.id",
+                format!("{}-{}", self.settings.client_id, subscription.group),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("topic.metadata.refresh.interval.ms", "5000")
+            .create()
+            .map_err(|error| BusError::Invalid(format!("kafka consumer: {error}")))?;
+        let topics: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|error| BusError::Unavailable(format!("subscribe: {error}")))?;
+
+        let dead_letters = KafkaBus::connect(self.settings.clone())?;
+        let cancel = CancellationToken::new();
+        let task_cancel = cancel.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = task_cancel.cancelled() => break,
+                    message = consumer.recv() => message,
+                };
+                let message = match message {
+                    Ok(message) => message,
+                    Err(error) => {
+                        tracing::warn!(%error, group = %subscription.group, "kafka consume error");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                let record = Record {
+                    topic: message.topic().to_owned(),
+                    key: message
+                        .key()
+                        .map(|key| String::from_utf8_lossy(key).into_owned())
+                        .unwrap_or_default(),
+                    payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    headers: message
+                        .headers()
+                        .map(|headers| {
+                            headers
+                                .iter()
+                                .map(|header| {
+                                    (
+                                        header.key.to_owned(),
+                                        header
+                                            .value
+                                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                                            .unwrap_or_default(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                };
+                let outcome = handle_with_retries(
+                    &handler,
+                    &subscription,
+                    record,
+                    message.partition(),
+                    message.offset(),
+                    &task_cancel,
+                )
+                .await;
+                match outcome {
+                    Outcome::Handled => {}
+                    Outcome::DeadLetter(dead) => {
+                        // The record must be in the dead-letter topic before its
+                        // offset is committed; keep trying until it is.
+                        while let Err(error) = dead_letters.send(dead.clone()).await {
+                            tracing::error!(%error, "cannot write dead letter; retrying");
+                            tokio::select! {
+                                _ = task_cancel.cancelled() => return,
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            }
+                        }
+                    }
+                    Outcome::Interrupted => break,
+                }
+                if let Err(error) = consumer.commit_message(&message, CommitMode::Sync) {
+                    tracing::warn!(%error, group = %subscription.group, "offset commit failed; record may be redelivered");
+                }
+            }
+            consumer.unsubscribe();
+        });
+        Ok(ConsumerHandle::new(cancel, task))
+    }
+
+    async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BusError> {
+        let admin = self.admin()?;
+        let retention: Vec<String> = topics
+            .iter()
+            .map(|spec| spec.retention.as_millis().to_string())
+            .collect();
+        let new_topics: Vec<NewTopic<'_>> = topics
+            .iter()
+            .zip(&retention)
+            .map(|(spec, retention_ms)| {
+                NewTopic::new(
+                    &spec.name,
+                    spec.partitions,
+                    TopicReplication::Fixed(spec.replication_factor),
+                )
+                .set("retention.ms", retention_ms)
+            })
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results = admin
+            .create_topics(&new_topics, &options)
+            .await
+            .map_err(|error| BusError::Unavailable(format!("create topics: {error}")))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    return Err(BusError::Unavailable(format!(
+                        "create topic {topic}: {code}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Timeout::After(Duration::from_secs(5)))
+                .map(|_| ())
+                .map_err(|error| BusError::Unavailable(format!("metadata: {error}")))
+        })
+        .await
+        .map_err(|error| BusError::Unavailable(error.to_string()))?
+    }
+
+    async fn flush(&self, timeout: Duration) -> Result<(), BusError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .flush(Timeout::After(timeout))
+                .map_err(|error| BusError::Unavailable(format!("flush: {error}")))
+        })
+        .await
+        .map_err(|error| BusError::Unavailable(error.to_string()))?
+    }
+
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+}

@@ -1,0 +1,365 @@
+//! Contacts storage. Every query is scoped by workspace id.
+
+use chrono::{DateTime, Utc};
+use rapport_bus::{envelope, topics};
+use rapport_core::json::{json_to_struct, struct_to_json};
+use rapport_core::time::to_timestamp;
+use rapport_core::{ApiError, WorkspaceId};
+use rapport_db::map_db_error;
+use rapport_db::outbox::{self, OutboxWaker};
+use rapport_proto::contacts::v1::Contact;
+use rapport_proto::events::v1::contact_changed::ChangeType;
+use rapport_proto::events::v1::envelope::Payload;
+use rapport_proto::events::v1::{ContactChanged, ContactSnapshot};
+use sqlx::{FromRow, PgPool};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, FromRow, PartialEq)]
+pub struct ContactRow {
+    pub contact_id: Uuid,
+    pub email: String,
+    pub phone: String,
+    pub first_name: String,
+    pub last_name: String,
+    pub company: String,
+    pub lifecycle_stage: String,
+    pub tags: Vec<String>,
+    pub attributes: serde_json::Value,
+    pub source: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl ContactRow {
+    pub fn to_proto(&self) -> Contact {
+        Contact {
+            contact_id: self.contact_id.to_string(),
+            email: self.email.clone(),
+            phone: self.phone.clone(),
+            first_name: self.first_name.clone(),
+            last_name: self.last_name.clone(),
+            company: self.company.clone(),
+            lifecycle_stage: self.lifecycle_stage.clone(),
+            tags: self.tags.clone(),
+            attributes: Some(json_to_struct(&self.attributes)),
+            create_time: Some(to_timestamp(self.created_at)),
+            update_time: Some(to_timestamp(self.updated_at)),
+            source: self.source.clone(),
+        }
+    }
+
+    fn snapshot(&self) -> ContactSnapshot {
+        ContactSnapshot {
+            contact_id: self.contact_id.to_string(),
+            email: self.email.clone(),
+            phone: self.phone.clone(),
+            first_name: self.first_name.clone(),
+            last_name: self.last_name.clone(),
+            company: self.company.clone(),
+            lifecycle_stage: self.lifecycle_stage.clone(),
+            tags: self.tags.clone(),
+            attributes: Some(json_to_struct(&self.attributes)),
+            create_time: Some(to_timestamp(self.created_at)),
+            update_time: Some(to_timestamp(self.updated_at)),
+        }
+    }
+}
+
+/// A validated upsert.
+#[derive(Debug, Clone)]
+pub struct ContactInput {
+    pub email: String,
+    pub phone: String,
+    pub first_name: String,
+    pub last_name: String,
+    pub company: String,
+    pub lifecycle_stage: String,
+    pub tags: Vec<String>,
+    pub attributes: serde_json::Value,
+    pub source: String,
+}
+
+impl ContactInput {
+    pub fn from_proto(
+        contact: &Contact,
+        attributes: serde_json::Value,
+        email: String,
+        phone: String,
+    ) -> Self {
+        let mut tags = contact
+            .tags
+            .iter()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>();
+        tags.sort();
+        tags.dedup();
+        ContactInput {
+            email,
+            phone,
+            first_name: contact.first_name.trim().to_owned(),
+            last_name: contact.last_name.trim().to_owned(),
+            company: contact.company.trim().to_owned(),
+            lifecycle_stage: match contact.lifecycle_stage.trim() {
+                "" => "lead".to_owned(),
+                stage => stage.to_lowercase(),
+            },
+            tags,
+            attributes,
+            source: contact.source.trim().to_owned(),
+        }
+    }
+}
+
+pub struct UpsertOutcome {
+    pub contact: ContactRow,
+    pub created: bool,
+}
+
+pub struct Store {
+    pool: PgPool,
+    waker: OutboxWaker,
+}
+
+const COLUMNS: &str = "contact_id, email, phone, first_name, last_name, company, lifecycle_stage, tags, attributes, source, created_at, updated_at";
+
+impl Store {
+    pub fn new(pool: PgPool, waker: OutboxWaker) -> Self {
+        Store { pool, waker }
+    }
+
+    pub async fn get(
+        &self,
+        workspace: WorkspaceId,
+        contact_id: Uuid,
+    ) -> Result<ContactRow, ApiError> {
+        sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM contacts WHERE workspace_id = $1 AND contact_id = $2"
+        )))
+        .bind(workspace.0)
+        .bind(contact_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_db_error)?
+        .ok_or_else(|| ApiError::not_found(format!("contact {contact_id}")))
+    }
+
+    pub async fn list(
+        &self,
+        workspace: WorkspaceId,
+        stage: Option<&str>,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<ContactRow>, ApiError> {
+        sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM contacts
+             WHERE workspace_id = $1
+               AND ($2::text IS NULL OR lifecycle_stage = $2)
+               AND ($3::uuid IS NULL OR contact_id < $3)
+             ORDER BY contact_id DESC LIMIT $4"
+        )))
+        .bind(workspace.0)
+        .bind(stage)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_db_error)
+    }
+
+    /// Creates or updates the contact with `input.email`, writing its event in
+    /// the same transaction. A repeated `request_id` returns the first outcome.
+    pub async fn upsert(
+        &self,
+        workspace: WorkspaceId,
+        request_id: Option<&str>,
+        input: ContactInput,
+    ) -> Result<UpsertOutcome, ApiError> {
+        let mut transaction = self.pool.begin().await.map_err(map_db_error)?;
+        if let Some(request_id) = request_id {
+            // Serialise concurrent retries of one request id.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || $2, 0))")
+                .bind(workspace.0.to_string())
+                .bind(request_id)
+                .execute(&mut *transaction)
+                .await
+                .map_err(map_db_error)?;
+            let previous: Option<(Uuid, bool)> = sqlx::query_as(
+                "SELECT contact_id, created FROM upsert_requests WHERE workspace_id = $1 AND request_id = $2",
+            )
+            .bind(workspace.0)
+            .bind(request_id)
+            .fetch_optional(&mut *transaction)
+            .await
+            .map_err(map_db_error)?;
+            if let Some((contact_id, created)) = previous {
+                transaction.rollback().await.map_err(map_db_error)?;
+                let contact = self.get(workspace, contact_id).await?;
+                return Ok(UpsertOutcome { contact, created });
+            }
+        }
+
+        let existing = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM contacts WHERE workspace_id = $1 AND email = $2 FOR UPDATE"
+        )))
+        .bind(workspace.0)
+        .bind(&input.email)
+        .fetch_optional(&mut *transaction)
+        .await
+        .map_err(map_db_error)?;
+
+        let (contact, created, change) = match existing {
+            None => {
+                let contact = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO contacts (workspace_id, contact_id, email, phone, first_name, last_name, company, lifecycle_stage, tags, attributes, source)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                     RETURNING {COLUMNS}"
+                )))
+                .bind(workspace.0)
+                .bind(rapport_core::ids::new_id())
+                .bind(&input.email)
+                .bind(&input.phone)
+                .bind(&input.first_name)
+                .bind(&input.last_name)
+                .bind(&input.company)
+                .bind(&input.lifecycle_stage)
+                .bind(&input.tags)
+                .bind(&input.attributes)
+                .bind(if input.source.is_empty() { "api" } else { input.source.as_str() })
+                .fetch_one(&mut *transaction)
+                .await
+                .map_err(map_db_error)?;
+                let event = ContactChanged {
+                    contact_id: contact.contact_id.to_string(),
+                    change_type: ChangeType::Created.into(),
+                    contact: Some(contact.snapshot()),
+                    source: contact.source.clone(),
+                    ..Default::default()
+                };
+                (contact, true, Some(event))
+            }
+            Some(before) => {
+                let changed = changed_fields(&before, &input);
+                if changed.is_empty() {
+                    (before, false, None)
+                } else {
+                    let after = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
+                        "UPDATE contacts SET phone = $3, first_name = $4, last_name = $5, company = $6,
+                             lifecycle_stage = $7, tags = $8, attributes = $9, updated_at = now()
+                         WHERE workspace_id = $1 AND contact_id = $2
+                         RETURNING {COLUMNS}"
+                    )))
+                    .bind(workspace.0)
+                    .bind(before.contact_id)
+                    .bind(&input.phone)
+                    .bind(&input.first_name)
+                    .bind(&input.last_name)
+                    .bind(&input.company)
+                    .bind(&input.lifecycle_stage)
+                    .bind(&input.tags)
+                    .bind(&input.attributes)
+                    .fetch_one(&mut *transaction)
+                    .await
+                    .map_err(map_db_error)?;
+                    let stage_changed = before.lifecycle_stage != after.lifecycle_stage;
+                    let event = ContactChanged {
+                        contact_id: after.contact_id.to_string(),
+                        change_type: if stage_changed {
+                            ChangeType::StageChanged
+                        } else {
+                            ChangeType::Updated
+                        }
+                        .into(),
+                        contact: Some(after.snapshot()),
+                        changed_fields: changed,
+                        previous_stage: if stage_changed {
+                            before.lifecycle_stage.clone()
+                        } else {
+                            String::new()
+                        },
+                        source: if input.source.is_empty() {
+                            "api".to_owned()
+                        } else {
+                            input.source.clone()
+                        },
+                        ..Default::default()
+                    };
+                    (after, false, Some(event))
+                }
+            }
+        };
+
+        if let Some(event) = event_record(workspace, change) {
+            outbox::enqueue(&mut transaction, &event)
+                .await
+                .map_err(map_db_error)?;
+        }
+        if let Some(request_id) = request_id {
+            sqlx::query("INSERT INTO upsert_requests (workspace_id, request_id, contact_id, created) VALUES ($1, $2, $3, $4)")
+                .bind(workspace.0)
+                .bind(request_id)
+                .bind(contact.contact_id)
+                .bind(created)
+                .execute(&mut *transaction)
+                .await
+                .map_err(map_db_error)?;
+        }
+        transaction.commit().await.map_err(map_db_error)?;
+        self.waker.wake();
+        Ok(UpsertOutcome { contact, created })
+    }
+}
+
+fn event_record(
+    workspace: WorkspaceId,
+    change: Option<ContactChanged>,
+) -> Option<rapport_bus::Record> {
+    let change = change?;
+    let key = change.contact_id.clone();
+    let envelope = envelope::new_envelope(
+        &workspace.to_string(),
+        "contacts",
+        Payload::ContactChanged(change),
+    );
+    Some(envelope::to_record(
+        topics::CONTACT_CHANGES,
+        &key,
+        &envelope,
+    ))
+}
+
+fn changed_fields(before: &ContactRow, input: &ContactInput) -> Vec<String> {
+    let mut changed = Vec::new();
+    let pairs = [
+        ("phone", &before.phone, &input.phone),
+        ("first_name", &before.first_name, &input.first_name),
+        ("last_name", &before.last_name, &input.last_name),
+        ("company", &before.company, &input.company),
+        (
+            "lifecycle_stage",
+            &before.lifecycle_stage,
+            &input.lifecycle_stage,
+        ),
+    ];
+    for (name, old, new) in pairs {
+        if old != new {
+            changed.push(name.to_owned());
+        }
+    }
+    if before.tags != input.tags {
+        changed.push("tags".to_owned());
+    }
+    if before.attributes != input.attributes {
+        changed.push("attributes".to_owned());
+    }
+    changed
+}
+
+/// The attributes a client sent, as JSON.
+pub fn attributes_json(contact: &Contact) -> serde_json::Value {
+    contact
+        .attributes
+        .as_ref()
+        .map(struct_to_json)
+        .unwrap_or_else(|| serde_json::Value::Object(Default::default()))
+}

@@ -1,0 +1,200 @@
+//! The reporting service: rollups built from every topic.
+//!
+//! Owns the `reporting` Postgres schema. Its consumers are idempotent: each
+//! event id is recorded in `processed_events` in the same transaction as the
+//! counts it moves, so a redelivered event changes nothing.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use rapport_bus::{
+    BusError, Delivery, Handler, HandlerError, SharedBus, Subscription, envelope, topics,
+};
+use rapport_core::ApiError;
+use rapport_core::time::from_timestamp;
+use rapport_db::map_db_error;
+use rapport_grpc::auth::workspace_of;
+use rapport_grpc::{BackgroundTask, GrpcService, ServiceParts};
+use rapport_proto::events::v1::envelope::Payload;
+use rapport_proto::events::v1::message_event::Status as MessageStatus;
+use rapport_proto::reporting::v1::reporting_service_server::{
+    ReportingService, ReportingServiceServer,
+};
+use rapport_proto::reporting::v1::*;
+use sqlx::PgPool;
+use tonic::{Request, Response, Status};
+
+pub const SCHEMA: &str = "reporting";
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub const CONSUMER_GROUP: &str = "rapport-reporting";
+
+pub async fn build(pool: PgPool, bus: SharedBus) -> Result<ServiceParts, BusError> {
+    let consumer = bus
+        .subscribe(
+            Subscription::new(CONSUMER_GROUP, &[topics::MESSAGE_LIFECYCLE]),
+            Arc::new(MessageCounter { pool: pool.clone() }),
+        )
+        .await?;
+    Ok(ServiceParts {
+        grpc: GrpcService {
+            name: rapport_proto::service_names::REPORTING,
+            routes: tonic::service::Routes::new(ReportingServiceServer::new(ReportingApi { pool })),
+        },
+        background: vec![BackgroundTask::new(
+            "reporting message consumer",
+            move || consumer.shutdown(),
+        )],
+    })
+}
+
+/// Counts message lifecycle events per day, journey and template.
+struct MessageCounter {
+    pool: PgPool,
+}
+
+#[async_trait]
+impl Handler for MessageCounter {
+    async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
+        let envelope = envelope::decode(&delivery.record)?;
+        let Some(Payload::MessageEvent(event)) = envelope.payload else {
+            return Ok(()); // not ours to count
+        };
+        let workspace: uuid::Uuid = envelope
+            .workspace_id
+            .parse()
+            .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
+        let column = match MessageStatus::try_from(event.status) {
+            Ok(MessageStatus::Sent) => "sent",
+            Ok(MessageStatus::Delivered) => "delivered",
+            Ok(MessageStatus::Opened) => "opened",
+            Ok(MessageStatus::Clicked) => "clicked",
+            Ok(MessageStatus::Bounced) => "bounced",
+            Ok(MessageStatus::Unsubscribed) => "unsubscribed",
+            _ => return Ok(()),
+        };
+        let day = envelope
+            .occurred_at
+            .as_ref()
+            .and_then(from_timestamp)
+            .unwrap_or_else(chrono::Utc::now)
+            .date_naive();
+        let retryable = |error: sqlx::Error| HandlerError::Retryable(error.to_string());
+        let mut transaction = self.pool.begin().await.map_err(retryable)?;
+        let first_time = sqlx::query(
+            "INSERT INTO processed_events (workspace_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(workspace)
+        .bind(&envelope.event_id)
+        .execute(&mut *transaction)
+        .await
+        .map_err(retryable)?
+        .rows_affected()
+            == 1;
+        if first_time {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO message_counts (workspace_id, day, journey_id, template_id, {column})
+                 VALUES ($1, $2, $3, $4, 1)
+                 ON CONFLICT (workspace_id, day, journey_id, template_id)
+                 DO UPDATE SET {column} = message_counts.{column} + 1"
+            )))
+            .bind(workspace)
+            .bind(day)
+            .bind(&event.journey_id)
+            .bind(&event.template_id)
+            .execute(&mut *transaction)
+            .await
+            .map_err(retryable)?;
+        }
+        transaction.commit().await.map_err(retryable)?;
+        Ok(())
+    }
+}
+
+struct ReportingApi {
+    pool: PgPool,
+}
+
+#[derive(sqlx::FromRow)]
+struct CountRow {
+    journey_id: String,
+    template_id: String,
+    sent: i64,
+    delivered: i64,
+    opened: i64,
+    clicked: i64,
+    bounced: i64,
+    unsubscribed: i64,
+}
+
+#[tonic::async_trait]
+impl ReportingService for ReportingApi {
+    async fn get_message_performance(
+        &self,
+        request: Request<GetMessagePerformanceRequest>,
+    ) -> Result<Response<GetMessagePerformanceResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let request = request.into_inner();
+        let (start, end) = match &request.period {
+            None => (None, None),
+            Some(period) => {
+                let start = period.start_time.as_ref().map(|t| {
+                    from_timestamp(t).ok_or_else(|| {
+                        ApiError::invalid_field("period.start_time", "is out of range")
+                    })
+                });
+                let end = period.end_time.as_ref().map(|t| {
+                    from_timestamp(t).ok_or_else(|| {
+                        ApiError::invalid_field("period.end_time", "is out of range")
+                    })
+                });
+                (start.transpose()?, end.transpose()?)
+            }
+        };
+        if let (Some(start), Some(end)) = (start, end) {
+            if start >= end {
+                return Err(ApiError::invalid_field(
+                    "period",
+                    "start_time must be before end_time",
+                )
+                .into());
+            }
+        }
+        let rows = sqlx::query_as::<_, CountRow>(
+            "SELECT journey_id, template_id,
+                    sum(sent)::bigint AS sent, sum(delivered)::bigint AS delivered,
+                    sum(opened)::bigint AS opened, sum(clicked)::bigint AS clicked,
+                    sum(bounced)::bigint AS bounced, sum(unsubscribed)::bigint AS unsubscribed
+             FROM message_counts
+             WHERE workspace_id = $1
+               AND ($2 = '' OR journey_id = $2)
+               AND ($3 = '' OR template_id = $3)
+               AND ($4::timestamptz IS NULL OR day >= $4::date)
+               AND ($5::timestamptz IS NULL OR day < $5::date)
+             GROUP BY journey_id, template_id
+             ORDER BY journey_id, template_id",
+        )
+        .bind(workspace.0)
+        .bind(request.journey_id.trim())
+        .bind(request.template_id.trim())
+        .bind(start)
+        .bind(end)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_db_error)?;
+        Ok(Response::new(GetMessagePerformanceResponse {
+            rows: rows
+                .into_iter()
+                .map(|row| MessagePerformance {
+                    journey_id: row.journey_id,
+                    template_id: row.template_id,
+                    sent: row.sent,
+                    delivered: row.delivered,
+                    opened: row.opened,
+                    clicked: row.clicked,
+                    bounced: row.bounced,
+                    unsubscribed: row.unsubscribed,
+                })
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,191 @@
+//! The segmentation service: segment definitions and, as later work adds the
+//! evaluator, memberships that change as events arrive.
+//!
+//! Owns the `segmentation` Postgres schema.
+
+use prost::Message;
+use rapport_bus::SharedBus;
+use rapport_core::paging::{Page, finish_page};
+use rapport_core::time::to_timestamp;
+use rapport_core::{ApiError, FieldViolation};
+use rapport_db::definitions::{DefinitionRow, Definitions, check_name};
+use rapport_grpc::auth::workspace_of;
+use rapport_grpc::{GrpcService, ServiceParts};
+use rapport_proto::segmentation::v1::condition::Condition as Kind;
+use rapport_proto::segmentation::v1::field_condition::Operator;
+use rapport_proto::segmentation::v1::segmentation_service_server::{
+    SegmentationService, SegmentationServiceServer,
+};
+use rapport_proto::segmentation::v1::*;
+use sqlx::PgPool;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+pub const SCHEMA: &str = "segmentation";
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+const MAX_DEPTH: usize = 8;
+
+pub async fn build(pool: PgPool, _bus: SharedBus) -> Result<ServiceParts, rapport_bus::BusError> {
+    let api = SegmentationApi {
+        segments: Definitions::new(pool, "segments", "segment"),
+    };
+    Ok(ServiceParts {
+        grpc: GrpcService {
+            name: rapport_proto::service_names::SEGMENTATION,
+            routes: tonic::service::Routes::new(SegmentationServiceServer::new(api)),
+        },
+        background: Vec::new(),
+    })
+}
+
+struct SegmentationApi {
+    segments: Definitions,
+}
+
+fn to_proto(row: &DefinitionRow) -> Result<Segment, ApiError> {
+    let mut segment =
+        Segment::decode(row.definition.as_slice()).map_err(|error| ApiError::internal(&error))?;
+    segment.segment_id = row.id.to_string();
+    segment.name = row.name.clone();
+    segment.create_time = Some(to_timestamp(row.created_at));
+    segment.update_time = Some(to_timestamp(row.updated_at));
+    Ok(segment)
+}
+
+/// Checks a condition tree, collecting a violation per bad node.
+fn check_condition(
+    condition: Option<&Condition>,
+    path: &str,
+    depth: usize,
+    violations: &mut Vec<FieldViolation>,
+) {
+    let mut violation = |field: String, description: &str| {
+        violations.push(FieldViolation {
+            field,
+            description: description.to_owned(),
+        })
+    };
+    if depth > MAX_DEPTH {
+        violation(path.to_owned(), "is nested too deeply (at most 8 levels)");
+        return;
+    }
+    let Some(kind) = condition.and_then(|c| c.condition.as_ref()) else {
+        violation(path.to_owned(), "is required");
+        return;
+    };
+    match kind {
+        Kind::All(AllOf { conditions }) | Kind::Any(AnyOf { conditions }) => {
+            let field = if matches!(kind, Kind::All(_)) {
+                "all"
+            } else {
+                "any"
+            };
+            if conditions.is_empty() {
+                violation(
+                    format!("{path}.{field}.conditions"),
+                    "must hold at least one condition",
+                );
+            }
+            for (index, child) in conditions.iter().enumerate() {
+                check_condition(
+                    Some(child),
+                    &format!("{path}.{field}.conditions[{index}]"),
+                    depth + 1,
+                    violations,
+                );
+            }
+        }
+        Kind::Field(field) => {
+            if field.field.trim().is_empty() {
+                violation(format!("{path}.field.field"), "is required");
+            }
+            match Operator::try_from(field.operator) {
+                Ok(Operator::Unspecified) | Err(_) => {
+                    violation(format!("{path}.field.operator"), "is required")
+                }
+                Ok(Operator::WithinLast) if field.within_seconds <= 0 => violation(
+                    format!("{path}.field.within_seconds"),
+                    "must be positive for OPERATOR_WITHIN_LAST",
+                ),
+                Ok(_) => {}
+            }
+        }
+        Kind::Event(event) => {
+            if event.event.trim().is_empty() {
+                violation(format!("{path}.event.event"), "is required");
+            }
+            if event.min_count < 0 || event.within_seconds < 0 {
+                violation(
+                    format!("{path}.event"),
+                    "min_count and within_seconds must not be negative",
+                );
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl SegmentationService for SegmentationApi {
+    async fn create_segment(
+        &self,
+        request: Request<CreateSegmentRequest>,
+    ) -> Result<Response<CreateSegmentResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let Some(segment) = request.into_inner().segment else {
+            return Err(ApiError::invalid_field("segment", "is required").into());
+        };
+        let name = check_name("segment.name", &segment.name)?;
+        let mut violations = Vec::new();
+        check_condition(
+            segment.condition.as_ref(),
+            "segment.condition",
+            1,
+            &mut violations,
+        );
+        if !violations.is_empty() {
+            return Err(ApiError::invalid_fields(violations).into());
+        }
+        let stored = Segment {
+            description: segment.description.trim().to_owned(),
+            condition: segment.condition,
+            ..Default::default()
+        };
+        let row = self
+            .segments
+            .create(workspace, &name, &stored.encode_to_vec())
+            .await?;
+        Ok(Response::new(CreateSegmentResponse {
+            segment: Some(to_proto(&row)?),
+        }))
+    }
+
+    async fn get_segment(
+        &self,
+        request: Request<GetSegmentRequest>,
+    ) -> Result<Response<GetSegmentResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let id = rapport_core::ids::parse_id("segment_id", &request.get_ref().segment_id)?;
+        let row = self.segments.get(workspace, id).await?;
+        Ok(Response::new(GetSegmentResponse {
+            segment: Some(to_proto(&row)?),
+        }))
+    }
+
+    async fn list_segments(
+        &self,
+        request: Request<ListSegmentsRequest>,
+    ) -> Result<Response<ListSegmentsResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let page = Page::<Uuid>::parse(request.get_ref().page.as_ref())?;
+        let rows = self
+            .segments
+            .list(workspace, page.after, page.fetch_limit())
+            .await?;
+        let (rows, page) = finish_page(rows, page.size, |row| row.id);
+        Ok(Response::new(ListSegmentsResponse {
+            segments: rows.iter().map(to_proto).collect::<Result<_, _>>()?,
+            page: Some(page),
+        }))
+    }
+}
