@@ -35,14 +35,15 @@ async fn build(
     service: ServiceKind,
     pool: PgPool,
     bus: SharedBus,
+    config: &Config,
 ) -> Result<ServiceParts, rapport_bus::BusError> {
     match service {
-        ServiceKind::Contacts => rapport_contacts::build(pool, bus).await,
-        ServiceKind::Ingestion => rapport_ingestion::build(pool, bus).await,
-        ServiceKind::Segmentation => rapport_segmentation::build(pool, bus).await,
-        ServiceKind::Automation => rapport_automation::build(pool, bus).await,
-        ServiceKind::Messaging => rapport_messaging::build(pool, bus).await,
-        ServiceKind::Reporting => rapport_reporting::build(pool, bus).await,
+        ServiceKind::Contacts => rapport_contacts::build(pool, bus, config).await,
+        ServiceKind::Ingestion => rapport_ingestion::build(pool, bus, config).await,
+        ServiceKind::Segmentation => rapport_segmentation::build(pool, bus, config).await,
+        ServiceKind::Automation => rapport_automation::build(pool, bus, config).await,
+        ServiceKind::Messaging => rapport_messaging::build(pool, bus, config).await,
+        ServiceKind::Reporting => rapport_reporting::build(pool, bus, config).await,
     }
 }
 
@@ -127,7 +128,10 @@ pub async fn serve(config: Config, services: Vec<ServiceKind>) -> anyhow::Result
     let shutdown = CancellationToken::new();
     let options = ServeOptions {
         request_timeout: config.request_timeout(),
-        auth: AuthLayer::new(resolver),
+        auth: AuthLayer::new(
+            resolver,
+            rapport_core::signing::Signer::internal_credential(&config.internal_secret()),
+        ),
         shutdown: shutdown.clone(),
     };
 
@@ -135,7 +139,7 @@ pub async fn serve(config: Config, services: Vec<ServiceKind>) -> anyhow::Result
     let mut background: Vec<BackgroundTask> = Vec::new();
     for service in &services {
         let pool = service_pool(&config, *service).await?;
-        let parts = build(*service, pool, bus.clone())
+        let parts = build(*service, pool, bus.clone(), &config)
             .await
             .with_context(|| format!("{service}: cannot start"))?;
         let port = config.ports.grpc(*service);

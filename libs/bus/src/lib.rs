@@ -137,6 +137,12 @@ impl Subscription {
             retry_backoff: Duration::from_millis(100),
         }
     }
+
+    /// Sets the attempts per record before it is dead-lettered.
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts.max(1);
+        self
+    }
 }
 
 /// A running consumer. Dropping it does not stop it; call [`ConsumerHandle::shutdown`].

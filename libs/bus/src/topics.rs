@@ -1,5 +1,7 @@
 //! The catalogue of Rapport's topics: the public contracts named in
-//! `proto/rapport/events/v1/events.proto`. Every topic is keyed by contact id.
+//! `proto/rapport/events/v1/events.proto`. Records are keyed by contact id;
+//! ingestion keys events by the user id or anonymous id before a contact is
+//! known, and connectors key inbound sync records by their external id.
 
 use std::time::Duration;
 

@@ -166,8 +166,6 @@ pub struct KafkaConfig {
     pub partitions: i32,
     /// Replication factor per topic created by `rapport topics create`.
     pub replication_factor: i32,
-    /// Retention of event topics, in hours.
-    pub retention_hours: u64,
 }
 
 impl Default for KafkaConfig {
@@ -177,7 +175,6 @@ impl Default for KafkaConfig {
             max_delivery_attempts: 5,
             partitions: 12,
             replication_factor: 1,
-            retention_hours: 24 * 7,
         }
     }
 }
@@ -207,6 +204,47 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// How long a verified API key stays cached before it is checked again, in milliseconds.
     pub api_key_cache_ms: u64,
+    /// Shared secret services use to call each other and to sign tracking
+    /// links. Unset: derived from `database_url`, which every process of one
+    /// deployment shares. A secret: never logged.
+    pub internal_secret: Option<Secret>,
+    /// Base URL of ingestion's public HTTP endpoint, as recipients' browsers
+    /// reach it; tracking pixels, links and unsubscribe URLs start with it.
+    pub public_url: String,
+    /// Where services reach each other's gRPC APIs. Unset entries default
+    /// to `http://127.0.0.1:<port>`.
+    pub endpoints: Endpoints,
+    pub smtp: SmtpConfig,
+    /// How often automation looks for journey steps that are due, in milliseconds.
+    pub automation_poll_ms: u64,
+}
+
+/// gRPC endpoints of other services (Kubernetes: their Service DNS names).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoints {
+    pub contacts: Option<String>,
+    pub messaging: Option<String>,
+}
+
+/// The SMTP relay messaging delivers email through.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    /// The From address of every email, e.g. `Acme <hello@acme.example>`.
+    pub from: String,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            host: "127.0.0.1".to_owned(),
+            port: 25,
+            from: "Rapport <noreply@rapport.localhost>".to_owned(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -224,6 +262,11 @@ impl std::fmt::Debug for Config {
             .field("log_level", &self.log_level)
             .field("otlp_endpoint", &self.otlp_endpoint)
             .field("api_key_cache_ms", &self.api_key_cache_ms)
+            .field("internal_secret", &self.internal_secret)
+            .field("public_url", &self.public_url)
+            .field("endpoints", &self.endpoints)
+            .field("smtp", &self.smtp)
+            .field("automation_poll_ms", &self.automation_poll_ms)
             .finish()
     }
 }
@@ -243,6 +286,11 @@ impl Default for Config {
             log_level: "info".to_owned(),
             otlp_endpoint: None,
             api_key_cache_ms: 30_000,
+            internal_secret: None,
+            public_url: "http://127.0.0.1:8080".to_owned(),
+            endpoints: Endpoints::default(),
+            smtp: SmtpConfig::default(),
+            automation_poll_ms: 250,
         }
     }
 }
@@ -256,8 +304,14 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
-/// `RAPPORT_*` variables read by the command line, not by [`Config`].
-const NON_CONFIG_VARIABLES: [&str; 2] = ["RAPPORT_CONFIG", "RAPPORT_SERVICES"];
+/// `RAPPORT_*` variables read by the command line and the deploy scripts,
+/// not by [`Config`].
+const NON_CONFIG_VARIABLES: [&str; 4] = [
+    "RAPPORT_CONFIG",
+    "RAPPORT_SERVICES",
+    "RAPPORT_STATE_DIR",
+    "RAPPORT_LOCAL_KAFKA_PORT",
+];
 
 /// Where configuration comes from: an optional file and the environment.
 /// Tests build one from a map; the binary uses [`ConfigSource::from_process`].
@@ -336,6 +390,24 @@ impl Config {
         self.database_url.expose()
     }
 
+    /// The secret services share (see `internal_secret`).
+    pub fn internal_secret(&self) -> String {
+        match &self.internal_secret {
+            Some(secret) => secret.expose().to_owned(),
+            None => format!("derived:{}", self.database_url()),
+        }
+    }
+
+    /// The gRPC URL of `service` as other services call it.
+    pub fn endpoint(&self, service: ServiceKind) -> String {
+        let configured = match service {
+            ServiceKind::Contacts => self.endpoints.contacts.clone(),
+            ServiceKind::Messaging => self.endpoints.messaging.clone(),
+            _ => None,
+        };
+        configured.unwrap_or_else(|| format!("http://127.0.0.1:{}", self.ports.grpc(service)))
+    }
+
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let database_url =
@@ -386,6 +458,16 @@ impl Config {
                     reason: format!("port {port} is assigned twice"),
                 });
             }
+        }
+        url::Url::parse(&self.public_url).map_err(|error| ConfigError::Invalid {
+            key: "public_url",
+            reason: format!("not a URL ({error})"),
+        })?;
+        if self.automation_poll_ms == 0 {
+            return Err(ConfigError::Invalid {
+                key: "automation_poll_ms",
+                reason: "must be greater than 0".into(),
+            });
         }
         if let Some(endpoint) = &self.otlp_endpoint {
             url::Url::parse(endpoint).map_err(|error| ConfigError::Invalid {
@@ -471,6 +553,16 @@ mod tests {
         let error = Config::load(&source(&[("RAPPORT_NO_SUCH_KEY", "1")]))
             .expect_err("unknown key refused");
         assert!(error.to_string().contains("no_such_key"), "{error}");
+    }
+
+    #[test]
+    fn deploy_script_variables_are_not_configuration() {
+        let config = Config::load(&source(&[
+            ("RAPPORT_STATE_DIR", "/var/tmp/rapport"),
+            ("RAPPORT_SERVICES", "contacts"),
+        ]))
+        .expect("script variables are ignored");
+        assert_eq!(config.ports.contacts, 50051);
     }
 
     #[test]

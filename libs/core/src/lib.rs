@@ -6,6 +6,7 @@ pub mod error;
 pub mod ids;
 pub mod json;
 pub mod paging;
+pub mod signing;
 pub mod time;
 
 pub use error::{ApiError, ErrorCode, FieldViolation};

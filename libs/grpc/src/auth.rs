@@ -4,6 +4,10 @@
 //! `authorization: Bearer <api key>` (or `x-api-key: <api key>`). The key is
 //! resolved to its workspace, which handlers read with [`workspace_of`]; a
 //! missing, unknown or revoked key is UNAUTHENTICATED before any handler runs.
+//!
+//! Services calling each other present the deployment's internal credential
+//! (`x-rapport-internal`) and the workspace they act for
+//! (`x-rapport-workspace-id`) instead of a workspace key.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,15 +24,56 @@ const PUBLIC_PREFIXES: [&str; 3] = [
     "/grpc.reflection.v1alpha.ServerReflection/",
 ];
 
+pub const INTERNAL_HEADER: &str = "x-rapport-internal";
+pub const WORKSPACE_HEADER: &str = "x-rapport-workspace-id";
+
 #[derive(Clone)]
 pub struct AuthLayer {
     resolver: Arc<KeyResolver>,
+    internal_credential: Arc<str>,
 }
 
 impl AuthLayer {
-    pub fn new(resolver: Arc<KeyResolver>) -> Self {
-        AuthLayer { resolver }
+    /// `internal_credential` is what [`rapport_core::signing::Signer::internal_credential`]
+    /// derives from the deployment's internal secret.
+    pub fn new(resolver: Arc<KeyResolver>, internal_credential: String) -> Self {
+        AuthLayer {
+            resolver,
+            internal_credential: internal_credential.into(),
+        }
     }
+}
+
+/// Adds the internal credential and workspace to a request one service
+/// sends another.
+pub fn internal_request<T>(message: T, credential: &str, workspace: WorkspaceId) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(value) = credential.parse() {
+        request.metadata_mut().insert(INTERNAL_HEADER, value);
+    }
+    if let Ok(value) = workspace.to_string().parse() {
+        request.metadata_mut().insert(WORKSPACE_HEADER, value);
+    }
+    request
+}
+
+/// The workspace an internal call acts for, if it carries the right credential.
+fn internal_workspace(headers: &http::HeaderMap, credential: &str) -> Option<Workspace> {
+    let presented = headers.get(INTERNAL_HEADER)?.to_str().ok()?;
+    if presented.len() != credential.len()
+        || presented
+            .bytes()
+            .zip(credential.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            != 0
+    {
+        return None;
+    }
+    let workspace = headers.get(WORKSPACE_HEADER)?.to_str().ok()?.parse().ok()?;
+    Some(Workspace {
+        id: workspace,
+        name: String::new(),
+    })
 }
 
 impl<S> tower::Layer<S> for AuthLayer {
@@ -38,6 +83,7 @@ impl<S> tower::Layer<S> for AuthLayer {
         AuthService {
             inner,
             resolver: self.resolver.clone(),
+            internal_credential: self.internal_credential.clone(),
         }
     }
 }
@@ -46,6 +92,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     resolver: Arc<KeyResolver>,
+    internal_credential: Arc<str>,
 }
 
 fn presented_key(headers: &http::HeaderMap) -> Option<&str> {
@@ -82,6 +129,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let resolver = self.resolver.clone();
+        let internal_credential = self.internal_credential.clone();
         Box::pin(async move {
             let path = request.uri().path();
             if PUBLIC_PREFIXES
@@ -89,6 +137,19 @@ where
                 .any(|prefix| path.starts_with(prefix))
             {
                 return inner.call(request).await;
+            }
+            if request.headers().contains_key(INTERNAL_HEADER) {
+                return match internal_workspace(request.headers(), &internal_credential) {
+                    Some(workspace) => {
+                        request.extensions_mut().insert(workspace);
+                        inner.call(request).await
+                    }
+                    None => Ok(ApiError::unauthenticated(
+                        "internal credential or workspace is not valid",
+                    )
+                    .to_status()
+                    .into_http()),
+                };
             }
             let Some(key) = presented_key(request.headers()).map(str::to_owned) else {
                 return Ok(ApiError::unauthenticated(

@@ -164,8 +164,8 @@ impl BackgroundTask {
     }
 }
 
-/// What a service crate hands the binary: its gRPC service, the background
-/// work it runs, and optionally a public HTTP router.
+/// What a service crate hands the binary: its gRPC service and the
+/// background work it runs (consumers, relays, timers, public HTTP).
 pub struct ServiceParts {
     pub grpc: GrpcService,
     /// Stopped in order: consumers first (no new work), relays last (flush).

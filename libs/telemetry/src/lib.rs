@@ -3,8 +3,8 @@
 //! Logs go to stdout through `tracing`, as one JSON object per line unless
 //! `log_format = "pretty"`. When `otlp_endpoint` is set, spans are also
 //! exported over OTLP/gRPC. The W3C trace-context propagator is installed in
-//! every case, so trace ids pass through gRPC metadata and Kafka headers even
-//! when this process exports nothing.
+//! every case; spans carry trace ids (and pass them on in gRPC metadata and
+//! Kafka headers) only when export is configured.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;

@@ -5,14 +5,19 @@
 
 use std::collections::HashSet;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use prost::Message;
-use rapport_bus::SharedBus;
+use rapport_bus::{SharedBus, Subscription, topics};
+use rapport_config::ServiceKind;
+use rapport_db::outbox::{self, OutboxWaker};
 use rapport_core::paging::{Page, finish_page};
 use rapport_core::time::to_timestamp;
 use rapport_core::{ApiError, FieldViolation};
 use rapport_db::definitions::{DefinitionRow, Definitions, check_name};
 use rapport_grpc::auth::workspace_of;
-use rapport_grpc::{GrpcService, ServiceParts};
+use rapport_grpc::{BackgroundTask, GrpcService, ServiceParts};
 use rapport_proto::automation::v1::automation_service_server::{
     AutomationService, AutomationServiceServer,
 };
@@ -24,10 +29,49 @@ use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+mod runner;
+
 pub const SCHEMA: &str = "automation";
+pub const CONSUMER_GROUP: &str = "rapport-automation";
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-pub async fn build(pool: PgPool, _bus: SharedBus) -> Result<ServiceParts, rapport_bus::BusError> {
+pub async fn build(
+    pool: PgPool,
+    bus: SharedBus,
+    config: &rapport_config::Config,
+) -> Result<ServiceParts, rapport_bus::BusError> {
+    let channel = |service: ServiceKind| {
+        tonic::transport::Endpoint::from_shared(config.endpoint(service))
+            .map(|endpoint| endpoint.connect_timeout(Duration::from_secs(5)).connect_lazy())
+            .map_err(|error| rapport_bus::BusError::Invalid(format!("{service} endpoint: {error}")))
+    };
+    let waker = OutboxWaker::default();
+    let relay = outbox::spawn_relay(pool.clone(), bus.clone(), SCHEMA, waker.clone());
+    let due = Arc::new(tokio::sync::Notify::new());
+    let runner = Arc::new(runner::Runner {
+        pool: pool.clone(),
+        waker: waker.clone(),
+        due: due.clone(),
+        contacts: rapport_proto::contacts::v1::contacts_service_client::ContactsServiceClient::new(channel(
+            ServiceKind::Contacts,
+        )?),
+        messaging: rapport_proto::messaging::v1::messaging_service_client::MessagingServiceClient::new(channel(
+            ServiceKind::Messaging,
+        )?),
+        credential: rapport_core::signing::Signer::internal_credential(&config.internal_secret()),
+        poll: Duration::from_millis(config.automation_poll_ms),
+    });
+    let consumer = bus
+        .subscribe(
+            Subscription::new(CONSUMER_GROUP, &[topics::MEMBERSHIPS]).with_max_attempts(config.kafka.max_delivery_attempts),
+            Arc::new(runner::EnrolmentHandler {
+                pool: pool.clone(),
+                waker,
+                due,
+            }),
+        )
+        .await?;
+    let (runner_cancel, runner_task) = runner.spawn();
     let api = AutomationApi {
         journeys: Definitions::new(pool, "journeys", "journey"),
     };
@@ -36,7 +80,14 @@ pub async fn build(pool: PgPool, _bus: SharedBus) -> Result<ServiceParts, rappor
             name: rapport_proto::service_names::AUTOMATION,
             routes: tonic::service::Routes::new(AutomationServiceServer::new(api)),
         },
-        background: Vec::new(),
+        background: vec![
+            BackgroundTask::new("automation membership consumer", move || consumer.shutdown()),
+            BackgroundTask::new("automation journey runner", move || async move {
+                runner_cancel.cancel();
+                let _ = runner_task.await;
+            }),
+            BackgroundTask::new("automation outbox relay", move || relay.shutdown()),
+        ],
     })
 }
 
@@ -68,9 +119,10 @@ fn check_journey(journey: &Journey) -> Vec<FieldViolation> {
             "journey.trigger.segment_entered".into(),
             "must name a segment id",
         ),
-        Some(TriggerKind::Event(event)) if event.trim().is_empty() => {
-            violation("journey.trigger.event".into(), "must name an event")
-        }
+        Some(TriggerKind::Event(_)) => violation(
+            "journey.trigger.event".into(),
+            "event triggers are not supported yet; use segment_entered",
+        ),
         Some(_) => {}
     }
     if !matches!(

@@ -6,31 +6,47 @@
 
 use std::sync::Arc;
 
-use rapport_bus::SharedBus;
+use rapport_bus::{SharedBus, Subscription, topics};
+use rapport_config::Config;
 use rapport_db::outbox::{self, OutboxWaker};
 use rapport_grpc::{BackgroundTask, GrpcService, ServiceParts};
 use rapport_proto::contacts::v1::contacts_service_server::ContactsServiceServer;
 use sqlx::PgPool;
 
 mod api;
+mod intake;
 mod store;
 mod validate;
 
 pub const SCHEMA: &str = "contacts";
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+pub const CONSUMER_GROUP: &str = "rapport-contacts";
+
 /// Builds the service on a pool already migrated and working in [`SCHEMA`].
-pub async fn build(pool: PgPool, bus: SharedBus) -> Result<ServiceParts, rapport_bus::BusError> {
+pub async fn build(
+    pool: PgPool,
+    bus: SharedBus,
+    config: &Config,
+) -> Result<ServiceParts, rapport_bus::BusError> {
     let waker = OutboxWaker::default();
-    let relay = outbox::spawn_relay(pool.clone(), bus, SCHEMA, waker.clone());
-    let api = api::ContactsApi::new(Arc::new(store::Store::new(pool, waker)));
+    let relay = outbox::spawn_relay(pool.clone(), bus.clone(), SCHEMA, waker.clone());
+    let store = Arc::new(store::Store::new(pool, waker));
+    let consumer = bus
+        .subscribe(
+            Subscription::new(CONSUMER_GROUP, &[topics::INGESTED_EVENTS]).with_max_attempts(config.kafka.max_delivery_attempts),
+            Arc::new(intake::IngestedEventHandler { store: store.clone() }),
+        )
+        .await?;
+    let api = api::ContactsApi::new(store);
     Ok(ServiceParts {
         grpc: GrpcService {
             name: rapport_proto::service_names::CONTACTS,
             routes: tonic::service::Routes::new(ContactsServiceServer::new(api)),
         },
-        background: vec![BackgroundTask::new("contacts outbox relay", move || {
-            relay.shutdown()
-        })],
+        background: vec![
+            BackgroundTask::new("contacts event consumer", move || consumer.shutdown()),
+            BackgroundTask::new("contacts outbox relay", move || relay.shutdown()),
+        ],
     })
 }

@@ -61,6 +61,7 @@ impl ContactRow {
             attributes: Some(json_to_struct(&self.attributes)),
             create_time: Some(to_timestamp(self.created_at)),
             update_time: Some(to_timestamp(self.updated_at)),
+            source: self.source.clone(),
         }
     }
 }
@@ -100,14 +101,42 @@ impl ContactInput {
             first_name: contact.first_name.trim().to_owned(),
             last_name: contact.last_name.trim().to_owned(),
             company: contact.company.trim().to_owned(),
-            lifecycle_stage: match contact.lifecycle_stage.trim() {
-                "" => "lead".to_owned(),
-                stage => stage.to_lowercase(),
-            },
+            lifecycle_stage: contact.lifecycle_stage.trim().to_lowercase(),
             tags,
             attributes,
             source: contact.source.trim().to_owned(),
         }
+    }
+}
+
+impl ContactInput {
+    /// An update leaves what the caller left empty as it was: empty fields
+    /// keep their value, tags are added to, attributes are merged key by key.
+    fn merged_onto(mut self, before: &ContactRow) -> Self {
+        for (new, old) in [
+            (&mut self.phone, &before.phone),
+            (&mut self.first_name, &before.first_name),
+            (&mut self.last_name, &before.last_name),
+            (&mut self.company, &before.company),
+            (&mut self.lifecycle_stage, &before.lifecycle_stage),
+        ] {
+            if new.is_empty() {
+                new.clone_from(old);
+            }
+        }
+        let mut tags = before.tags.clone();
+        tags.extend(self.tags);
+        tags.sort();
+        tags.dedup();
+        self.tags = tags;
+        let mut attributes = before.attributes.as_object().cloned().unwrap_or_default();
+        if let Some(new) = self.attributes.as_object() {
+            for (key, value) in new {
+                attributes.insert(key.clone(), value.clone());
+            }
+        }
+        self.attributes = serde_json::Value::Object(attributes);
+        self
     }
 }
 
@@ -222,7 +251,7 @@ impl Store {
                 .bind(&input.first_name)
                 .bind(&input.last_name)
                 .bind(&input.company)
-                .bind(&input.lifecycle_stage)
+                .bind(if input.lifecycle_stage.is_empty() { "lead" } else { input.lifecycle_stage.as_str() })
                 .bind(&input.tags)
                 .bind(&input.attributes)
                 .bind(if input.source.is_empty() { "api" } else { input.source.as_str() })
@@ -239,6 +268,7 @@ impl Store {
                 (contact, true, Some(event))
             }
             Some(before) => {
+                let input = input.merged_onto(&before);
                 let changed = changed_fields(&before, &input);
                 if changed.is_empty() {
                     (before, false, None)

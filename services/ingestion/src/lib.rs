@@ -1,48 +1,86 @@
 //! The ingestion service: everything people do enters Rapport here.
 //!
-//! Owns the `ingestion` Postgres schema (dedupe window; later write-key
-//! settings, forms and landing pages). An event is acknowledged only once the
-//! bus has it: ingestion publishes directly, not through an outbox, because
-//! it has no state change of its own to keep consistent with the event.
+//! Owns the `ingestion` Postgres schema (the dedupe window, landing pages and
+//! forms). gRPC takes events from integrations; the public HTTP endpoint
+//! serves landing pages and takes form posts, email opens, clicks and
+//! unsubscribes. An event is acknowledged only once the bus has it: ingestion
+//! publishes directly rather than through an outbox, because it has no state
+//! change of its own to keep consistent with the event.
 
-use chrono::Utc;
-use rapport_bus::{SharedBus, envelope, topics};
-use rapport_core::time::to_timestamp;
-use rapport_core::{ApiError, FieldViolation, WorkspaceId};
-use rapport_db::map_db_error;
+use std::sync::Arc;
+
+use rapport_bus::SharedBus;
+use rapport_core::{ApiError, FieldViolation};
+use rapport_db::definitions::check_name;
 use rapport_grpc::auth::workspace_of;
-use rapport_grpc::{GrpcService, ServiceParts};
+use rapport_grpc::{BackgroundTask, GrpcService, ServiceParts};
 use rapport_proto::events::v1::IngestedEvent;
-use rapport_proto::events::v1::envelope::Payload;
 use rapport_proto::events::v1::ingested_event::Kind;
-use rapport_proto::ingestion::v1::ingestion_service_server::{
-    IngestionService, IngestionServiceServer,
-};
+use rapport_proto::ingestion::v1::ingestion_service_server::{IngestionService, IngestionServiceServer};
 use rapport_proto::ingestion::v1::*;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+
+mod http;
+mod intake;
+mod pages;
 
 pub const SCHEMA: &str = "ingestion";
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 const MAX_ID_LENGTH: usize = 255;
 
-pub async fn build(pool: PgPool, bus: SharedBus) -> Result<ServiceParts, rapport_bus::BusError> {
+pub async fn build(
+    pool: PgPool,
+    bus: SharedBus,
+    config: &rapport_config::Config,
+) -> Result<ServiceParts, rapport_bus::BusError> {
+    let intake = intake::Intake { pool: pool.clone(), bus };
+    let state = Arc::new(http::HttpState {
+        intake: intake.clone(),
+        signer: rapport_core::signing::Signer::new(&config.internal_secret(), rapport_core::signing::TRACKING_PURPOSE),
+        public_url: config.public_url.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind((config.listen_host.as_str(), config.ports.ingestion_http))
+        .await
+        .map_err(|error| {
+            rapport_bus::BusError::Invalid(format!(
+                "ingestion HTTP cannot listen on {}:{}: {error}",
+                config.listen_host, config.ports.ingestion_http
+            ))
+        })?;
+    let local_addr = listener.local_addr().ok();
+    tracing::info!(address = ?local_addr, "ingestion HTTP listening");
+    let cancel = CancellationToken::new();
+    let server_cancel = cancel.clone();
+    let router = http::router(state);
+    let server = tokio::spawn(async move {
+        let shutdown = async move { server_cancel.cancelled().await };
+        if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
+            tracing::error!(%error, "ingestion HTTP server failed");
+        }
+    });
     Ok(ServiceParts {
         grpc: GrpcService {
             name: rapport_proto::service_names::INGESTION,
             routes: tonic::service::Routes::new(IngestionServiceServer::new(IngestionApi {
+                intake,
                 pool,
-                bus,
+                public_url: config.public_url.clone(),
             })),
         },
-        background: Vec::new(),
+        background: vec![BackgroundTask::new("ingestion HTTP server", move || async move {
+            cancel.cancel();
+            let _ = server.await;
+        })],
     })
 }
 
 struct IngestionApi {
+    intake: intake::Intake,
     pool: PgPool,
-    bus: SharedBus,
+    public_url: String,
 }
 
 fn check_ids(message_id: &str, user_id: &str, anonymous_id: &str) -> Result<(), ApiError> {
@@ -53,11 +91,7 @@ fn check_ids(message_id: &str, user_id: &str, anonymous_id: &str) -> Result<(), 
             description: "one of user_id and anonymous_id is required".into(),
         });
     }
-    for (field, value) in [
-        ("message_id", message_id),
-        ("user_id", user_id),
-        ("anonymous_id", anonymous_id),
-    ] {
+    for (field, value) in [("message_id", message_id), ("user_id", user_id), ("anonymous_id", anonymous_id)] {
         if value.len() > MAX_ID_LENGTH {
             violations.push(FieldViolation {
                 field: field.into(),
@@ -72,69 +106,9 @@ fn check_ids(message_id: &str, user_id: &str, anonymous_id: &str) -> Result<(), 
     }
 }
 
-impl IngestionApi {
-    /// Dedupes on the message id, then publishes; returns whether it was a
-    /// duplicate. If the bus cannot take the event the dedupe mark is removed
-    /// so the client's retry goes through.
-    async fn accept(
-        &self,
-        workspace: WorkspaceId,
-        mut event: IngestedEvent,
-    ) -> Result<(String, bool), ApiError> {
-        if event.message_id.trim().is_empty() {
-            event.message_id = rapport_core::ids::new_id().to_string();
-        }
-        let first_time = sqlx::query(
-            "INSERT INTO seen_messages (workspace_id, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(workspace.0)
-        .bind(&event.message_id)
-        .execute(&self.pool)
-        .await
-        .map_err(map_db_error)?
-        .rows_affected()
-            == 1;
-        if !first_time {
-            return Ok((event.message_id, true));
-        }
-        let now = to_timestamp(Utc::now());
-        event.received_at = Some(now);
-        if event.timestamp.is_none() {
-            event.timestamp = Some(now);
-        }
-        let key = if event.user_id.is_empty() {
-            event.anonymous_id.clone()
-        } else {
-            event.user_id.clone()
-        };
-        let message_id = event.message_id.clone();
-        let envelope = envelope::new_envelope(
-            &workspace.to_string(),
-            "ingestion",
-            Payload::IngestedEvent(event),
-        );
-        let record = envelope::to_record(topics::INGESTED_EVENTS, &key, &envelope);
-        if let Err(error) = self.bus.publish(record).await {
-            tracing::warn!(%error, "event bus refused an event");
-            let _ = sqlx::query(
-                "DELETE FROM seen_messages WHERE workspace_id = $1 AND message_id = $2",
-            )
-            .bind(workspace.0)
-            .bind(&message_id)
-            .execute(&self.pool)
-            .await;
-            return Err(ApiError::unavailable("event log unavailable; retry"));
-        }
-        Ok((message_id, false))
-    }
-}
-
 #[tonic::async_trait]
 impl IngestionService for IngestionApi {
-    async fn track(
-        &self,
-        request: Request<TrackRequest>,
-    ) -> Result<Response<TrackResponse>, Status> {
+    async fn track(&self, request: Request<TrackRequest>) -> Result<Response<TrackResponse>, Status> {
         let workspace = workspace_of(&request)?;
         let request = request.into_inner();
         check_ids(&request.message_id, &request.user_id, &request.anonymous_id)?;
@@ -152,17 +126,14 @@ impl IngestionService for IngestionApi {
             timestamp: request.timestamp,
             ..Default::default()
         };
-        let (message_id, duplicate) = self.accept(workspace, event).await?;
+        let accepted = self.intake.accept(workspace, event).await?;
         Ok(Response::new(TrackResponse {
-            message_id,
-            duplicate,
+            message_id: accepted.message_id,
+            duplicate: accepted.duplicate,
         }))
     }
 
-    async fn identify(
-        &self,
-        request: Request<IdentifyRequest>,
-    ) -> Result<Response<IdentifyResponse>, Status> {
+    async fn identify(&self, request: Request<IdentifyRequest>) -> Result<Response<IdentifyResponse>, Status> {
         let workspace = workspace_of(&request)?;
         let request = request.into_inner();
         check_ids(&request.message_id, &request.user_id, &request.anonymous_id)?;
@@ -176,10 +147,38 @@ impl IngestionService for IngestionApi {
             timestamp: request.timestamp,
             ..Default::default()
         };
-        let (message_id, duplicate) = self.accept(workspace, event).await?;
+        let accepted = self.intake.accept(workspace, event).await?;
         Ok(Response::new(IdentifyResponse {
-            message_id,
-            duplicate,
+            message_id: accepted.message_id,
+            duplicate: accepted.duplicate,
         }))
+    }
+
+    async fn create_landing_page(
+        &self,
+        request: Request<CreateLandingPageRequest>,
+    ) -> Result<Response<CreateLandingPageResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let Some(mut page) = request.into_inner().page else {
+            return Err(ApiError::invalid_field("page", "is required").into());
+        };
+        page.name = check_name("page.name", &page.name)?;
+        pages::check(&page)?;
+        let page = pages::create(&self.pool, workspace, page, &self.public_url).await?;
+        Ok(Response::new(CreateLandingPageResponse { page: Some(page) }))
+    }
+
+    async fn get_landing_page(
+        &self,
+        request: Request<GetLandingPageRequest>,
+    ) -> Result<Response<GetLandingPageResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let page_id = rapport_core::ids::parse_id("page_id", &request.get_ref().page_id)?;
+        match pages::by_page(&self.pool, page_id).await? {
+            Some(stored) if stored.workspace == workspace => {
+                Ok(Response::new(GetLandingPageResponse { page: Some(stored.page) }))
+            }
+            _ => Err(ApiError::not_found(format!("landing page {page_id}")).into()),
+        }
     }
 }

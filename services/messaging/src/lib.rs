@@ -3,14 +3,17 @@
 //!
 //! Owns the `messaging` Postgres schema.
 
+use std::sync::Arc;
+
 use prost::Message;
-use rapport_bus::SharedBus;
+use rapport_bus::{SharedBus, Subscription, topics};
+use rapport_db::outbox::{self, OutboxWaker};
 use rapport_core::paging::{Page, finish_page};
 use rapport_core::time::to_timestamp;
 use rapport_core::{ApiError, FieldViolation};
 use rapport_db::definitions::{DefinitionRow, Definitions, check_name};
 use rapport_grpc::auth::workspace_of;
-use rapport_grpc::{GrpcService, ServiceParts};
+use rapport_grpc::{BackgroundTask, GrpcService, ServiceParts};
 use rapport_proto::messaging::v1::messaging_service_server::{
     MessagingService, MessagingServiceServer,
 };
@@ -19,27 +22,63 @@ use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+mod feedback;
+mod render;
+mod send;
+mod smtp;
+
 pub const SCHEMA: &str = "messaging";
+pub const CONSUMER_GROUP: &str = "rapport-messaging";
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Largest template body accepted, in bytes.
 const MAX_BODY_BYTES: usize = 512 * 1024;
 
-pub async fn build(pool: PgPool, _bus: SharedBus) -> Result<ServiceParts, rapport_bus::BusError> {
-    let api = MessagingApi {
-        templates: Definitions::new(pool, "templates", "template"),
+pub async fn build(
+    pool: PgPool,
+    bus: SharedBus,
+    config: &rapport_config::Config,
+) -> Result<ServiceParts, rapport_bus::BusError> {
+    let mailer = smtp::Mailer::new(&config.smtp).map_err(rapport_bus::BusError::Invalid)?;
+    let waker = OutboxWaker::default();
+    let relay = outbox::spawn_relay(pool.clone(), bus.clone(), SCHEMA, waker.clone());
+    let consumer = bus
+        .subscribe(
+            Subscription::new(CONSUMER_GROUP, &[topics::INGESTED_EVENTS]).with_max_attempts(config.kafka.max_delivery_attempts),
+            Arc::new(feedback::FeedbackHandler {
+                pool: pool.clone(),
+                waker: waker.clone(),
+            }),
+        )
+        .await?;
+    let templates = Definitions::new(pool.clone(), "templates", "template");
+    let sender = send::Sender {
+        pool,
+        templates: templates.clone(),
+        mailer: Arc::new(mailer),
+        signer: rapport_core::signing::Signer::new(
+            &config.internal_secret(),
+            rapport_core::signing::TRACKING_PURPOSE,
+        ),
+        public_url: config.public_url.clone(),
+        waker,
     };
+    let api = MessagingApi { templates, sender };
     Ok(ServiceParts {
         grpc: GrpcService {
             name: rapport_proto::service_names::MESSAGING,
             routes: tonic::service::Routes::new(MessagingServiceServer::new(api)),
         },
-        background: Vec::new(),
+        background: vec![
+            BackgroundTask::new("messaging feedback consumer", move || consumer.shutdown()),
+            BackgroundTask::new("messaging outbox relay", move || relay.shutdown()),
+        ],
     })
 }
 
 struct MessagingApi {
     templates: Definitions,
+    sender: send::Sender,
 }
 
 fn to_proto(row: &DefinitionRow) -> Result<Template, ApiError> {
@@ -89,6 +128,8 @@ fn check_template(template: &Template) -> Vec<FieldViolation> {
     ] {
         if body.len() > MAX_BODY_BYTES {
             violation(field, format!("is larger than {MAX_BODY_BYTES} bytes"));
+        } else if let Err(error) = render::check(field, body) {
+            violation(field, error.field_violations.first().map(|v| v.description.clone()).unwrap_or_default());
         }
     }
     violations
@@ -152,5 +193,14 @@ impl MessagingService for MessagingApi {
             templates: rows.iter().map(to_proto).collect::<Result<_, _>>()?,
             page: Some(page),
         }))
+    }
+
+    async fn send_message(
+        &self,
+        request: Request<SendMessageRequest>,
+    ) -> Result<Response<SendMessageResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let response = self.sender.send(workspace, request.into_inner()).await?;
+        Ok(Response::new(response))
     }
 }

@@ -28,11 +28,11 @@ pub const SCHEMA: &str = "reporting";
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub const CONSUMER_GROUP: &str = "rapport-reporting";
 
-pub async fn build(pool: PgPool, bus: SharedBus) -> Result<ServiceParts, BusError> {
+pub async fn build(pool: PgPool, bus: SharedBus, config: &rapport_config::Config) -> Result<ServiceParts, BusError> {
     let consumer = bus
         .subscribe(
-            Subscription::new(CONSUMER_GROUP, &[topics::MESSAGE_LIFECYCLE]),
-            Arc::new(MessageCounter { pool: pool.clone() }),
+            Subscription::new(CONSUMER_GROUP, &[topics::MESSAGE_LIFECYCLE, topics::CONTACT_CHANGES]).with_max_attempts(config.kafka.max_delivery_attempts),
+            Arc::new(Rollups { pool: pool.clone() }),
         )
         .await?;
     Ok(ServiceParts {
@@ -47,22 +47,94 @@ pub async fn build(pool: PgPool, bus: SharedBus) -> Result<ServiceParts, BusErro
     })
 }
 
-/// Counts message lifecycle events per day, journey and template.
-struct MessageCounter {
+/// Keeps the rollups: message lifecycle counts per day, journey and
+/// template; new leads per day and source.
+struct Rollups {
     pool: PgPool,
 }
 
 #[async_trait]
-impl Handler for MessageCounter {
+impl Handler for Rollups {
     async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
         let envelope = envelope::decode(&delivery.record)?;
-        let Some(Payload::MessageEvent(event)) = envelope.payload else {
-            return Ok(()); // not ours to count
-        };
         let workspace: uuid::Uuid = envelope
             .workspace_id
             .parse()
             .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
+        let day = envelope
+            .occurred_at
+            .as_ref()
+            .and_then(from_timestamp)
+            .unwrap_or_else(chrono::Utc::now)
+            .date_naive();
+        match &envelope.payload {
+            Some(Payload::MessageEvent(event)) => {
+                self.count_message(workspace, &envelope.event_id, day, event).await
+            }
+            Some(Payload::ContactChanged(change)) => {
+                self.count_lead(workspace, &envelope.event_id, day, change).await
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Rollups {
+    /// Records `event_id` as processed; false when it already was.
+    async fn first_time(
+        transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        workspace: uuid::Uuid,
+        event_id: &str,
+    ) -> Result<bool, sqlx::Error> {
+        Ok(sqlx::query(
+            "INSERT INTO processed_events (workspace_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(workspace)
+        .bind(event_id)
+        .execute(&mut **transaction)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
+    async fn count_lead(
+        &self,
+        workspace: uuid::Uuid,
+        event_id: &str,
+        day: chrono::NaiveDate,
+        change: &rapport_proto::events::v1::ContactChanged,
+    ) -> Result<(), HandlerError> {
+        use rapport_proto::events::v1::contact_changed::ChangeType;
+        let Some(contact) = &change.contact else {
+            return Ok(());
+        };
+        if change.change_type() != ChangeType::Created || contact.lifecycle_stage != "lead" {
+            return Ok(());
+        }
+        let retryable = |error: sqlx::Error| HandlerError::Retryable(error.to_string());
+        let mut transaction = self.pool.begin().await.map_err(retryable)?;
+        if Self::first_time(&mut transaction, workspace, event_id).await.map_err(retryable)? {
+            sqlx::query(
+                "INSERT INTO lead_counts (workspace_id, day, source, leads) VALUES ($1, $2, $3, 1)
+                 ON CONFLICT (workspace_id, day, source) DO UPDATE SET leads = lead_counts.leads + 1",
+            )
+            .bind(workspace)
+            .bind(day)
+            .bind(&contact.source)
+            .execute(&mut *transaction)
+            .await
+            .map_err(retryable)?;
+        }
+        transaction.commit().await.map_err(retryable)
+    }
+
+    async fn count_message(
+        &self,
+        workspace: uuid::Uuid,
+        event_id: &str,
+        day: chrono::NaiveDate,
+        event: &rapport_proto::events::v1::MessageEvent,
+    ) -> Result<(), HandlerError> {
         let column = match MessageStatus::try_from(event.status) {
             Ok(MessageStatus::Sent) => "sent",
             Ok(MessageStatus::Delivered) => "delivered",
@@ -72,25 +144,9 @@ impl Handler for MessageCounter {
             Ok(MessageStatus::Unsubscribed) => "unsubscribed",
             _ => return Ok(()),
         };
-        let day = envelope
-            .occurred_at
-            .as_ref()
-            .and_then(from_timestamp)
-            .unwrap_or_else(chrono::Utc::now)
-            .date_naive();
         let retryable = |error: sqlx::Error| HandlerError::Retryable(error.to_string());
         let mut transaction = self.pool.begin().await.map_err(retryable)?;
-        let first_time = sqlx::query(
-            "INSERT INTO processed_events (workspace_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(workspace)
-        .bind(&envelope.event_id)
-        .execute(&mut *transaction)
-        .await
-        .map_err(retryable)?
-        .rows_affected()
-            == 1;
-        if first_time {
+        if Self::first_time(&mut transaction, workspace, event_id).await.map_err(retryable)? {
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO message_counts (workspace_id, day, journey_id, template_id, {column})
                  VALUES ($1, $2, $3, $4, 1)
@@ -134,31 +190,7 @@ impl ReportingService for ReportingApi {
     ) -> Result<Response<GetMessagePerformanceResponse>, Status> {
         let workspace = workspace_of(&request)?;
         let request = request.into_inner();
-        let (start, end) = match &request.period {
-            None => (None, None),
-            Some(period) => {
-                let start = period.start_time.as_ref().map(|t| {
-                    from_timestamp(t).ok_or_else(|| {
-                        ApiError::invalid_field("period.start_time", "is out of range")
-                    })
-                });
-                let end = period.end_time.as_ref().map(|t| {
-                    from_timestamp(t).ok_or_else(|| {
-                        ApiError::invalid_field("period.end_time", "is out of range")
-                    })
-                });
-                (start.transpose()?, end.transpose()?)
-            }
-        };
-        if let (Some(start), Some(end)) = (start, end) {
-            if start >= end {
-                return Err(ApiError::invalid_field(
-                    "period",
-                    "start_time must be before end_time",
-                )
-                .into());
-            }
-        }
+        let (start, end) = period(request.period.as_ref())?;
         let rows = sqlx::query_as::<_, CountRow>(
             "SELECT journey_id, template_id,
                     sum(sent)::bigint AS sent, sum(delivered)::bigint AS delivered,
@@ -197,4 +229,56 @@ impl ReportingService for ReportingApi {
                 .collect(),
         }))
     }
+
+    async fn get_leads_by_source(
+        &self,
+        request: Request<GetLeadsBySourceRequest>,
+    ) -> Result<Response<GetLeadsBySourceResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let (start, end) = period(request.get_ref().period.as_ref())?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT source, sum(leads)::bigint FROM lead_counts
+             WHERE workspace_id = $1
+               AND ($2::timestamptz IS NULL OR day >= $2::date)
+               AND ($3::timestamptz IS NULL OR day < $3::date)
+             GROUP BY source ORDER BY source",
+        )
+        .bind(workspace.0)
+        .bind(start)
+        .bind(end)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_db_error)?;
+        Ok(Response::new(GetLeadsBySourceResponse {
+            rows: rows
+                .into_iter()
+                .map(|(source, leads)| LeadSourceCount { source, leads })
+                .collect(),
+        }))
+    }
+}
+
+type Period = (Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>);
+
+/// A validated reporting period.
+fn period(period: Option<&rapport_proto::common::v1::TimeRange>) -> Result<Period, ApiError> {
+    let Some(period) = period else {
+        return Ok((None, None));
+    };
+    let start = period
+        .start_time
+        .as_ref()
+        .map(|t| from_timestamp(t).ok_or_else(|| ApiError::invalid_field("period.start_time", "is out of range")))
+        .transpose()?;
+    let end = period
+        .end_time
+        .as_ref()
+        .map(|t| from_timestamp(t).ok_or_else(|| ApiError::invalid_field("period.end_time", "is out of range")))
+        .transpose()?;
+    if let (Some(start), Some(end)) = (start, end) {
+        if start >= end {
+            return Err(ApiError::invalid_field("period", "start_time must be before end_time"));
+        }
+    }
+    Ok((start, end))
 }

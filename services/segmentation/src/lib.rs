@@ -3,14 +3,17 @@
 //!
 //! Owns the `segmentation` Postgres schema.
 
+use std::sync::Arc;
+
 use prost::Message;
-use rapport_bus::SharedBus;
+use rapport_bus::{SharedBus, Subscription, topics};
+use rapport_db::outbox::{self, OutboxWaker};
 use rapport_core::paging::{Page, finish_page};
 use rapport_core::time::to_timestamp;
 use rapport_core::{ApiError, FieldViolation};
 use rapport_db::definitions::{DefinitionRow, Definitions, check_name};
 use rapport_grpc::auth::workspace_of;
-use rapport_grpc::{GrpcService, ServiceParts};
+use rapport_grpc::{BackgroundTask, GrpcService, ServiceParts};
 use rapport_proto::segmentation::v1::condition::Condition as Kind;
 use rapport_proto::segmentation::v1::field_condition::Operator;
 use rapport_proto::segmentation::v1::segmentation_service_server::{
@@ -21,26 +24,53 @@ use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+mod evaluate;
+mod membership;
+
 pub const SCHEMA: &str = "segmentation";
+pub const CONSUMER_GROUP: &str = "rapport-segmentation";
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 const MAX_DEPTH: usize = 8;
 
-pub async fn build(pool: PgPool, _bus: SharedBus) -> Result<ServiceParts, rapport_bus::BusError> {
+pub async fn build(
+    pool: PgPool,
+    bus: SharedBus,
+    config: &rapport_config::Config,
+) -> Result<ServiceParts, rapport_bus::BusError> {
+    let waker = OutboxWaker::default();
+    let relay = outbox::spawn_relay(pool.clone(), bus.clone(), SCHEMA, waker.clone());
+    let engine = Arc::new(membership::Engine {
+        pool: pool.clone(),
+        waker,
+    });
+    let consumer = bus
+        .subscribe(
+            Subscription::new(CONSUMER_GROUP, &[topics::CONTACT_CHANGES]).with_max_attempts(config.kafka.max_delivery_attempts),
+            Arc::new(membership::ContactChangeHandler {
+                engine: engine.clone(),
+            }),
+        )
+        .await?;
     let api = SegmentationApi {
         segments: Definitions::new(pool, "segments", "segment"),
+        engine,
     };
     Ok(ServiceParts {
         grpc: GrpcService {
             name: rapport_proto::service_names::SEGMENTATION,
             routes: tonic::service::Routes::new(SegmentationServiceServer::new(api)),
         },
-        background: Vec::new(),
+        background: vec![
+            BackgroundTask::new("segmentation contact consumer", move || consumer.shutdown()),
+            BackgroundTask::new("segmentation outbox relay", move || relay.shutdown()),
+        ],
     })
 }
 
 struct SegmentationApi {
     segments: Definitions,
+    engine: Arc<membership::Engine>,
 }
 
 fn to_proto(row: &DefinitionRow) -> Result<Segment, ApiError> {
@@ -111,16 +141,11 @@ fn check_condition(
                 Ok(_) => {}
             }
         }
-        Kind::Event(event) => {
-            if event.event.trim().is_empty() {
-                violation(format!("{path}.event.event"), "is required");
-            }
-            if event.min_count < 0 || event.within_seconds < 0 {
-                violation(
-                    format!("{path}.event"),
-                    "min_count and within_seconds must not be negative",
-                );
-            }
+        Kind::Event(_) => {
+            violation(
+                format!("{path}.event"),
+                "event conditions are not supported yet; use field conditions",
+            );
         }
     }
 }
@@ -155,6 +180,13 @@ impl SegmentationService for SegmentationApi {
             .segments
             .create(workspace, &name, &stored.encode_to_vec())
             .await?;
+        // Contacts already known enter the new segment now.
+        let entered = self
+            .engine
+            .backfill(workspace.0, row.id, &stored)
+            .await
+            .map_err(rapport_db::map_db_error)?;
+        tracing::info!(segment_id = %row.id, entered, "segment created");
         Ok(Response::new(CreateSegmentResponse {
             segment: Some(to_proto(&row)?),
         }))

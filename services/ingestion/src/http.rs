@@ -1,0 +1,259 @@
+//! Ingestion's public HTTP endpoint (default port 8080): hosted landing pages
+//! and their forms, the email open pixel, tracked-link redirects and
+//! unsubscribe links (RFC 8058 one-click). Client mistakes get a 4xx with a
+//! reason; only Rapport's own failures are 5xx.
+
+use std::sync::Arc;
+
+use axum::extract::{Form, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::Router;
+use rapport_core::json::json_to_struct;
+use rapport_core::signing::{Signer, TrackingKind, TrackingToken};
+use rapport_core::{ApiError, WorkspaceId};
+use rapport_proto::events::v1::IngestedEvent;
+use rapport_proto::events::v1::ingested_event::Kind;
+
+use crate::intake::Intake;
+use crate::pages;
+
+/// A transparent 1x1 GIF.
+const PIXEL: [u8; 43] = [
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff,
+    0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01, 0x00, 0x00, 0x02,
+    0x02, 0x44, 0x01, 0x00, 0x3b,
+];
+
+pub struct HttpState {
+    pub intake: Intake,
+    pub signer: Signer,
+    pub public_url: String,
+}
+
+pub fn router(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route("/p/{page_id}", get(landing_page))
+        .route("/f/{form_id}", axum::routing::post(submit_form))
+        .route("/o/{token}", get(open_pixel))
+        .route("/c/{token}", get(click))
+        .route("/u/{token}", get(unsubscribe_page).post(unsubscribe))
+        .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+}
+
+fn error_page(error: &ApiError) -> Response {
+    let status = StatusCode::from_u16(error.code.http_status().as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, Html(pages::render_message("Something is not right", &error.message))).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    response
+}
+
+fn not_found(what: &str) -> Response {
+    (StatusCode::NOT_FOUND, Html(pages::render_message("Not found", &format!("This {what} does not exist.")))).into_response()
+}
+
+async fn landing_page(
+    State(state): State<Arc<HttpState>>,
+    Path(page_id): Path<String>,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    let Ok(page_id) = page_id.parse() else {
+        return not_found("page");
+    };
+    match pages::by_page(&state.intake.pool, page_id).await {
+        Ok(Some(stored)) => {
+            let utm: Vec<(String, String)> = query
+                .into_iter()
+                .filter(|(name, value)| pages::UTM_PARAMETERS.contains(&name.as_str()) && value.len() <= 200)
+                .collect();
+            Html(pages::render_page(&stored.page, &state.public_url, &utm)).into_response()
+        }
+        Ok(None) => not_found("page"),
+        Err(error) => error_page(&error),
+    }
+}
+
+fn looks_like_email(value: &str) -> bool {
+    let Some((local, domain)) = value.split_once('@') else {
+        return false;
+    };
+    !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.') && !value.contains(char::is_whitespace)
+}
+
+async fn submit_form(
+    State(state): State<Arc<HttpState>>,
+    Path(form_id): Path<String>,
+    headers: HeaderMap,
+    Form(values): Form<Vec<(String, String)>>,
+) -> Response {
+    let Ok(form_id) = form_id.parse() else {
+        return not_found("form");
+    };
+    let stored = match pages::by_form(&state.intake.pool, form_id).await {
+        Ok(Some(stored)) => stored,
+        Ok(None) => return not_found("form"),
+        Err(error) => return error_page(&error),
+    };
+    let form = stored.page.form.clone().unwrap_or_default();
+    let thank_you = if form.thank_you_message.is_empty() { "Thank you!" } else { &form.thank_you_message };
+    let value_of = |name: &str| {
+        values
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.trim().to_owned())
+            .unwrap_or_default()
+    };
+    if !value_of(pages::HONEYPOT_FIELD).is_empty() {
+        // A bot filled the hidden field: look successful, record nothing.
+        return Html(pages::render_message("Thank you", thank_you)).into_response();
+    }
+    let mut traits = serde_json::Map::new();
+    let mut problems = Vec::new();
+    for field in &form.fields {
+        let value = value_of(&field.name);
+        let label = if field.label.is_empty() { &field.name } else { &field.label };
+        if value.is_empty() {
+            if field.required {
+                problems.push(format!("{label} is required."));
+            }
+            continue;
+        }
+        if value.len() > 500 {
+            problems.push(format!("{label} is too long."));
+            continue;
+        }
+        if field.name == "email" && !looks_like_email(&value) {
+            problems.push(format!("{label} is not an email address."));
+            continue;
+        }
+        traits.insert(field.name.clone(), serde_json::Value::String(value));
+    }
+    if traits.get("email").is_none() && problems.is_empty() {
+        problems.push("An email address is required.".to_owned());
+    }
+    if !problems.is_empty() {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Html(pages::render_message("Please check the form", &problems.join(" "))),
+        )
+            .into_response();
+    }
+    let mut properties = serde_json::Map::new();
+    properties.insert("form_id".into(), form_id.to_string().into());
+    properties.insert("page_id".into(), stored.page.page_id.clone().into());
+    let mut campaign = serde_json::Map::new();
+    for name in pages::UTM_PARAMETERS {
+        let value = value_of(name);
+        if !value.is_empty() {
+            properties.insert(name.into(), value.clone().into());
+            let key = match name.trim_start_matches("utm_") {
+                "campaign" => "name",
+                other => other,
+            };
+            campaign.insert(key.into(), value.into());
+        }
+    }
+    let mut context = serde_json::Map::new();
+    context.insert("campaign".into(), serde_json::Value::Object(campaign));
+    context.insert("page".into(), serde_json::json!({ "url": stored.page.url }));
+    if let Some(agent) = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()) {
+        context.insert("userAgent".into(), agent.into());
+    }
+    let event = IngestedEvent {
+        kind: Kind::FormSubmitted.into(),
+        name: "Form Submitted".into(),
+        anonymous_id: rapport_core::ids::new_id().to_string(),
+        traits: Some(json_to_struct(&serde_json::Value::Object(traits))),
+        properties: Some(json_to_struct(&serde_json::Value::Object(properties))),
+        context: Some(json_to_struct(&serde_json::Value::Object(context))),
+        ..Default::default()
+    };
+    match state.intake.accept(stored.workspace, event).await {
+        Ok(_) => Html(pages::render_message("Thank you", thank_you)).into_response(),
+        Err(error) => error_page(&error),
+    }
+}
+
+/// Verifies a tracking token of `kind`.
+fn token(state: &HttpState, token: &str, kind: TrackingKind) -> Option<(WorkspaceId, TrackingToken)> {
+    let token: TrackingToken = state.signer.verify(token).ok()?;
+    if token.kind != kind {
+        return None;
+    }
+    let workspace = token.workspace_id.parse().ok()?;
+    Some((workspace, token))
+}
+
+async fn record(state: &HttpState, workspace: WorkspaceId, token: &TrackingToken, kind: Kind, name: &str) -> Result<(), ApiError> {
+    let mut properties = serde_json::json!({ "message_id": token.message_id });
+    if !token.url.is_empty() {
+        properties["url"] = token.url.clone().into();
+    }
+    let event = IngestedEvent {
+        kind: kind.into(),
+        name: name.into(),
+        contact_id: token.contact_id.clone(),
+        user_id: token.contact_id.clone(),
+        properties: Some(json_to_struct(&properties)),
+        ..Default::default()
+    };
+    state.intake.accept(workspace, event).await.map(|_| ())
+}
+
+async fn open_pixel(State(state): State<Arc<HttpState>>, Path(raw): Path<String>) -> Response {
+    let raw = raw.trim_end_matches(".gif");
+    let Some((workspace, token)) = token(&state, raw, TrackingKind::Open) else {
+        return not_found("image");
+    };
+    if let Err(error) = record(&state, workspace, &token, Kind::EmailOpened, "Email Opened").await {
+        tracing::warn!(error = %error.message, "open not recorded");
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "image/gif"),
+            (header::CACHE_CONTROL, "no-store, no-cache, must-revalidate, max-age=0"),
+        ],
+        PIXEL.to_vec(),
+    )
+        .into_response()
+}
+
+async fn click(State(state): State<Arc<HttpState>>, Path(raw): Path<String>) -> Response {
+    let Some((workspace, token)) = token(&state, &raw, TrackingKind::Click) else {
+        // Unsigned or altered: never redirect (no open redirect).
+        return not_found("link");
+    };
+    if let Err(error) = record(&state, workspace, &token, Kind::LinkClicked, "Link Clicked").await {
+        tracing::warn!(error = %error.message, "click not recorded");
+    }
+    Redirect::to(&token.url).into_response()
+}
+
+async fn unsubscribe_page(State(state): State<Arc<HttpState>>, Path(raw): Path<String>) -> Response {
+    if token(&state, &raw, TrackingKind::Unsubscribe).is_none() {
+        return not_found("link");
+    }
+    let body = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Unsubscribe</title></head><body>\
+         <h1>Unsubscribe</h1><p>Stop receiving these emails?</p>\
+         <form method=\"post\"><button type=\"submit\">Unsubscribe</button></form></body></html>"
+    );
+    Html(body).into_response()
+}
+
+/// One-click unsubscribe: mail clients POST `List-Unsubscribe=One-Click`
+/// here (RFC 8058); the confirmation page's button posts here too.
+async fn unsubscribe(State(state): State<Arc<HttpState>>, Path(raw): Path<String>) -> Response {
+    let Some((workspace, token)) = token(&state, &raw, TrackingKind::Unsubscribe) else {
+        return not_found("link");
+    };
+    match record(&state, workspace, &token, Kind::Unsubscribed, "Unsubscribed").await {
+        Ok(()) => Html(pages::render_message("Unsubscribed", "You will not get these emails any more.")).into_response(),
+        Err(error) => error_page(&error),
+    }
+}

@@ -1,0 +1,77 @@
+//! Accepting one event: dedupe on its message id, publish, acknowledge.
+//!
+//! The dedupe mark is inserted in a transaction that stays open while the
+//! event is published and commits only after the bus acknowledged it. A
+//! concurrent retry of the same message id waits on that row; a failed
+//! publish rolls the mark back so the client's retry goes through. Nothing
+//! acknowledged is lost; if the process dies between the bus's
+//! acknowledgement and the commit, a retry publishes the event again with the
+//! same message id, which consumers treat as the same event.
+
+use chrono::Utc;
+use rapport_bus::{SharedBus, envelope, topics};
+use rapport_core::time::to_timestamp;
+use rapport_core::{ApiError, WorkspaceId};
+use rapport_db::map_db_error;
+use rapport_proto::events::v1::IngestedEvent;
+use rapport_proto::events::v1::envelope::Payload;
+use sqlx::PgPool;
+
+#[derive(Clone)]
+pub struct Intake {
+    pub pool: PgPool,
+    pub bus: SharedBus,
+}
+
+pub struct Accepted {
+    pub message_id: String,
+    pub duplicate: bool,
+}
+
+impl Intake {
+    pub async fn accept(&self, workspace: WorkspaceId, mut event: IngestedEvent) -> Result<Accepted, ApiError> {
+        if event.message_id.trim().is_empty() {
+            event.message_id = rapport_core::ids::new_id().to_string();
+        }
+        let mut transaction = self.pool.begin().await.map_err(map_db_error)?;
+        let first_time = sqlx::query(
+            "INSERT INTO seen_messages (workspace_id, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(workspace.0)
+        .bind(&event.message_id)
+        .execute(&mut *transaction)
+        .await
+        .map_err(map_db_error)?
+        .rows_affected()
+            == 1;
+        if !first_time {
+            return Ok(Accepted {
+                message_id: event.message_id,
+                duplicate: true,
+            });
+        }
+        let now = to_timestamp(Utc::now());
+        event.received_at = Some(now);
+        if event.timestamp.is_none() {
+            event.timestamp = Some(now);
+        }
+        let key = [&event.contact_id, &event.user_id, &event.anonymous_id]
+            .into_iter()
+            .find(|id| !id.is_empty())
+            .cloned()
+            .unwrap_or_else(|| event.message_id.clone());
+        let message_id = event.message_id.clone();
+        let envelope = envelope::new_envelope(&workspace.to_string(), "ingestion", Payload::IngestedEvent(event));
+        let record = envelope::to_record(topics::INGESTED_EVENTS, &key, &envelope);
+        if let Err(error) = self.bus.publish(record).await {
+            tracing::warn!(%error, "event bus refused an event");
+            let _ = transaction.rollback().await;
+            return Err(ApiError::unavailable("event log unavailable; retry"));
+        }
+        transaction.commit().await.map_err(map_db_error)?;
+        Ok(Accepted {
+            message_id,
+            duplicate: false,
+        })
+    }
+}

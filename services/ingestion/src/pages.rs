@@ -1,0 +1,184 @@
+//! Landing pages and forms: storage, validation and HTML.
+
+use html_escape::{encode_double_quoted_attribute as attr, encode_text as text};
+use prost::Message;
+use rapport_core::{ApiError, ErrorCode, FieldViolation, WorkspaceId};
+use rapport_db::map_db_error;
+use rapport_proto::ingestion::v1::{Form, LandingPage};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Contact fields a form may fill besides custom attributes.
+const MAX_FIELDS: usize = 30;
+/// The hidden field bots fill in and people do not see.
+pub const HONEYPOT_FIELD: &str = "website";
+/// Query parameters a page carries into its submissions.
+pub const UTM_PARAMETERS: [&str; 5] = ["utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content"];
+
+pub fn check(page: &LandingPage) -> Result<(), ApiError> {
+    let mut violations = Vec::new();
+    let mut violation = |field: String, description: &str| {
+        violations.push(FieldViolation {
+            field,
+            description: description.to_owned(),
+        })
+    };
+    if page.title.trim().is_empty() {
+        violation("page.title".into(), "is required");
+    }
+    match &page.form {
+        None => violation("page.form".into(), "is required"),
+        Some(form) => {
+            if form.fields.is_empty() || form.fields.len() > MAX_FIELDS {
+                violation("page.form.fields".into(), "must hold 1 to 30 fields");
+            }
+            let mut names = std::collections::HashSet::new();
+            for (index, field) in form.fields.iter().enumerate() {
+                let name = field.name.trim();
+                let valid = !name.is_empty()
+                    && name.len() <= 64
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    && !UTM_PARAMETERS.contains(&name)
+                    && name != HONEYPOT_FIELD;
+                if !valid {
+                    violation(
+                        format!("page.form.fields[{index}].name"),
+                        "must be 1 to 64 letters, digits or underscores, and not a reserved name",
+                    );
+                } else if !names.insert(name.to_owned()) {
+                    violation(format!("page.form.fields[{index}].name"), "is used by an earlier field");
+                }
+            }
+            if !form.fields.iter().any(|f| f.name.trim() == "email") {
+                violation("page.form.fields".into(), "must include a field named `email`");
+            }
+        }
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_fields(violations))
+    }
+}
+
+pub struct StoredPage {
+    pub workspace: WorkspaceId,
+    pub page: LandingPage,
+}
+
+fn with_url(mut page: LandingPage, page_id: Uuid, form_id: Uuid, public_url: &str) -> LandingPage {
+    page.page_id = page_id.to_string();
+    page.url = format!("{}/p/{page_id}", public_url.trim_end_matches('/'));
+    if let Some(form) = page.form.as_mut() {
+        form.form_id = form_id.to_string();
+    }
+    page
+}
+
+pub async fn create(pool: &PgPool, workspace: WorkspaceId, page: LandingPage, public_url: &str) -> Result<LandingPage, ApiError> {
+    let page_id = rapport_core::ids::new_id();
+    let form_id = rapport_core::ids::new_id();
+    let page = with_url(page, page_id, form_id, public_url);
+    let result = sqlx::query(
+        "INSERT INTO landing_pages (page_id, form_id, workspace_id, name, definition) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(page_id)
+    .bind(form_id)
+    .bind(workspace.0)
+    .bind(page.name.trim())
+    .bind(page.encode_to_vec())
+    .execute(pool)
+    .await;
+    match result {
+        Ok(_) => Ok(page),
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23505") => Err(ApiError::new(
+            ErrorCode::AlreadyExists,
+            format!("a landing page named `{}` already exists", page.name.trim()),
+        )),
+        Err(error) => Err(map_db_error(error)),
+    }
+}
+
+async fn load(pool: &PgPool, column: &str, id: Uuid) -> Result<Option<StoredPage>, ApiError> {
+    let query = match column {
+        "form_id" => "SELECT workspace_id, definition FROM landing_pages WHERE form_id = $1",
+        _ => "SELECT workspace_id, definition FROM landing_pages WHERE page_id = $1",
+    };
+    let row: Option<(Uuid, Vec<u8>)> = sqlx::query_as(query).bind(id).fetch_optional(pool).await.map_err(map_db_error)?;
+    row.map(|(workspace, bytes)| {
+        LandingPage::decode(bytes.as_slice())
+            .map(|page| StoredPage {
+                workspace: WorkspaceId(workspace),
+                page,
+            })
+            .map_err(|error| ApiError::internal(&error))
+    })
+    .transpose()
+}
+
+pub async fn by_page(pool: &PgPool, page_id: Uuid) -> Result<Option<StoredPage>, ApiError> {
+    load(pool, "page_id", page_id).await
+}
+
+pub async fn by_form(pool: &PgPool, form_id: Uuid) -> Result<Option<StoredPage>, ApiError> {
+    load(pool, "form_id", form_id).await
+}
+
+fn document(title: &str, body: &str) -> String {
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{}</title><style>body{{font-family:system-ui,sans-serif;max-width:36rem;margin:3rem auto;padding:0 1rem}}\
+         label{{display:block;margin:.75rem 0 .25rem}}input{{width:100%;padding:.5rem}}\
+         button{{margin-top:1rem;padding:.6rem 1.2rem}}.hp{{position:absolute;left:-10000px}}</style></head>\
+         <body>{body}</body></html>\n",
+        text(title)
+    )
+}
+
+/// The page with its form; UTM parameters of the request ride along as
+/// hidden fields.
+pub fn render_page(page: &LandingPage, public_url: &str, utm: &[(String, String)]) -> String {
+    let empty = Form::default();
+    let form = page.form.as_ref().unwrap_or(&empty);
+    let mut body = format!("<h1>{}</h1>", text(if page.headline.is_empty() { &page.title } else { &page.headline }));
+    for paragraph in page.body.split("\n\n").filter(|p| !p.trim().is_empty()) {
+        body.push_str(&format!("<p>{}</p>", text(paragraph.trim())));
+    }
+    body.push_str(&format!(
+        "<form method=\"post\" action=\"{}/f/{}\">",
+        attr(public_url.trim_end_matches('/')),
+        attr(&form.form_id)
+    ));
+    for field in &form.fields {
+        let kind = match field.name.as_str() {
+            "email" => "email",
+            "phone" => "tel",
+            _ => "text",
+        };
+        let label = if field.label.is_empty() { &field.name } else { &field.label };
+        body.push_str(&format!(
+            "<label for=\"{name}\">{label}</label><input id=\"{name}\" name=\"{name}\" type=\"{kind}\"{required}>",
+            name = attr(&field.name),
+            label = text(label),
+            required = if field.required { " required" } else { "" },
+        ));
+    }
+    for (name, value) in utm {
+        body.push_str(&format!(
+            "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
+            attr(name),
+            attr(value)
+        ));
+    }
+    body.push_str(&format!(
+        "<div class=\"hp\" aria-hidden=\"true\"><label>Leave empty<input name=\"{HONEYPOT_FIELD}\" tabindex=\"-1\" autocomplete=\"off\"></label></div>"
+    ));
+    let submit = if form.submit_label.is_empty() { "Submit" } else { &form.submit_label };
+    body.push_str(&format!("<button type=\"submit\">{}</button></form>", text(submit)));
+    document(&page.title, &body)
+}
+
+pub fn render_message(title: &str, message: &str) -> String {
+    document(title, &format!("<h1>{}</h1><p>{}</p>", text(title), text(message)))
+}
