@@ -62,6 +62,7 @@ command -v pkg-config >/dev/null || missing+=(pkg-config)
 [ -f /usr/include/zlib.h ] || missing+=(zlib1g-dev)
 command -v psql >/dev/null || missing+=(postgresql-client)
 command -v npm >/dev/null || missing+=(nodejs npm)
+command -v python3 >/dev/null || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 
 if ! command -v cargo >/dev/null; then
@@ -104,7 +105,17 @@ else
   wait_for_port "$KAFKA_HOST" "$KAFKA_PORT" tansu
 fi
 
-# 4. Test and lint tools.
+# 4. Test and lint tools: cargo-nextest, buf, and aiosmtpd (the SMTP server
+#    the end-to-end tests deliver email to).
+PYTHON_DIR="$RAPPORT_STATE_DIR/python"
+if ! PYTHONPATH="$PYTHON_DIR" python3 -c 'import aiosmtpd' 2>/dev/null; then
+  say "installing aiosmtpd into $PYTHON_DIR"
+  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$PYTHON_DIR" aiosmtpd==1.4.6 2>/dev/null ||
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages --target "$PYTHON_DIR" aiosmtpd==1.4.6
+fi
+export TEST_PYTHONPATH="$PYTHON_DIR"
+
 if ! command -v cargo-nextest >/dev/null; then
   say "installing cargo-nextest"
   cargo install cargo-nextest --locked

@@ -305,11 +305,8 @@ async fn services_in_separate_processes_publish_contact_changes_to_kafka() {
         );
     }
     let acme = platform.create_workspace("Acme").await;
-    let consumer = support::KafkaWatcher::start(
-        &platform.kafka_brokers(),
-        rapport_bus::topics::CONTACT_CHANGES,
-    )
-    .await;
+    let consumer =
+        support::KafkaWatcher::start(&platform, rapport_bus::topics::CONTACT_CHANGES).await;
     let mut contacts =
         ContactsServiceClient::connect(platform.address_of(rapport_proto::service_names::CONTACTS))
             .await

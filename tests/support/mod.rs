@@ -94,8 +94,24 @@ pub struct Platform {
     ports: BTreeMap<&'static str, u16>,
     http_port: u16,
     brokers: Option<String>,
+    /// Topic and group prefix of this platform, so concurrent tests sharing
+    /// one broker never see each other's records.
+    kafka_namespace: String,
+    extra_env: Vec<(String, String)>,
     children: Vec<(String, Child)>,
+    /// How each child was started, to start it again.
+    commands: Vec<(String, Vec<String>)>,
     log_dir: PathBuf,
+    restarts: usize,
+}
+
+/// How the services are spread over processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Every service in one `rapport serve` process.
+    OneProcess,
+    /// Each service in its own `rapport serve --services X` process.
+    ProcessPerService,
 }
 
 impl Platform {
@@ -119,11 +135,22 @@ impl Platform {
         }
         if let Some(brokers) = &self.brokers {
             env.push(("RAPPORT_KAFKA_BROKERS".to_owned(), brokers.clone()));
+            env.push((
+                "RAPPORT_KAFKA__NAMESPACE".to_owned(),
+                self.kafka_namespace.clone(),
+            ));
         }
+        env.push(("RAPPORT_PUBLIC_URL".to_owned(), self.public_url()));
+        env.extend(self.extra_env.iter().cloned());
         env
     }
 
-    async fn new(brokers: Option<String>) -> Platform {
+    /// Base URL of ingestion's public HTTP endpoint.
+    pub fn public_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    async fn new(brokers: Option<String>, extra_env: Vec<(String, String)>) -> Platform {
         let database_url = fresh_database().await;
         let ports = SERVICES
             .iter()
@@ -137,16 +164,35 @@ impl Platform {
             ports,
             http_port: free_port(),
             brokers,
+            kafka_namespace: format!("test-{}.", uuid::Uuid::new_v4().simple()),
+            extra_env,
             children: Vec::new(),
+            commands: Vec::new(),
             log_dir,
+            restarts: 0,
         }
     }
 
     fn spawn(&mut self, label: &str, args: &[&str]) {
-        let stdout =
-            std::fs::File::create(self.log_dir.join(format!("{label}.out"))).expect("log file");
-        let stderr =
-            std::fs::File::create(self.log_dir.join(format!("{label}.err"))).expect("log file");
+        self.commands.push((
+            label.to_owned(),
+            args.iter().map(|a| (*a).to_owned()).collect(),
+        ));
+        self.launch(label, args);
+    }
+
+    fn log_path(&self, label: &str, extension: &str) -> PathBuf {
+        let suffix = if self.restarts == 0 {
+            String::new()
+        } else {
+            format!(".{}", self.restarts)
+        };
+        self.log_dir.join(format!("{label}{suffix}.{extension}"))
+    }
+
+    fn launch(&mut self, label: &str, args: &[&str]) {
+        let stdout = std::fs::File::create(self.log_path(label, "out")).expect("log file");
+        let stderr = std::fs::File::create(self.log_path(label, "err")).expect("log file");
         let mut command = Command::new(rapport_binary());
         command
             .args(args)
@@ -163,7 +209,7 @@ impl Platform {
 
     /// Every service in one `rapport serve` process, on the in-process bus.
     pub async fn start_single_process() -> Platform {
-        let mut platform = Platform::new(None).await;
+        let mut platform = Platform::new(None, Vec::new()).await;
         platform.spawn("all", &["serve"]);
         platform.wait_until_serving().await;
         platform
@@ -171,7 +217,12 @@ impl Platform {
 
     /// Each service in its own `rapport serve --services X` process, over Kafka.
     pub async fn start_per_service_processes() -> Platform {
-        let mut platform = Platform::new(Some(kafka_brokers())).await;
+        Platform::start_on_kafka(Layout::ProcessPerService, Vec::new()).await
+    }
+
+    /// The services laid out as `layout`, over Kafka, with extra environment.
+    pub async fn start_on_kafka(layout: Layout, extra_env: Vec<(String, String)>) -> Platform {
+        let mut platform = Platform::new(Some(kafka_brokers()), extra_env).await;
         let output = platform.run(&["topics", "create"]).await;
         assert!(
             output.status.success(),
@@ -184,15 +235,47 @@ impl Platform {
             "migrate: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        for (service, _) in SERVICES {
-            platform.spawn(service, &["serve", "--services", service]);
+        match layout {
+            Layout::OneProcess => platform.spawn("all", &["serve"]),
+            Layout::ProcessPerService => {
+                for (service, _) in SERVICES {
+                    platform.spawn(service, &["serve", "--services", service]);
+                }
+            }
         }
         platform.wait_until_serving().await;
         platform
     }
 
+    /// Kills the process labelled `label` ("all", or a service name) without
+    /// warning, as a crash would, and starts it again.
+    pub async fn crash_and_restart(&mut self, label: &str) {
+        let index = self
+            .children
+            .iter()
+            .position(|(l, _)| l == label)
+            .expect("known process");
+        let (_, mut child) = self.children.remove(index);
+        child.kill().await.expect("kill");
+        let _ = child.wait().await;
+        let args = self
+            .commands
+            .iter()
+            .find(|(l, _)| l == label)
+            .map(|(_, args)| args.clone())
+            .expect("known command");
+        self.restarts += 1;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.launch(label, &args);
+        self.wait_until_serving().await;
+    }
+
     pub fn kafka_brokers(&self) -> String {
         self.brokers.clone().unwrap_or_else(kafka_brokers)
+    }
+
+    pub fn kafka_namespace(&self) -> &str {
+        &self.kafka_namespace
     }
 
     /// Runs a one-shot `rapport` command against this platform's database.
@@ -236,18 +319,20 @@ impl Platform {
             .expect("known service")
     }
 
-    fn logs(&self) -> String {
+    /// The last lines of every process's output, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.log_dir)
+            .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.sort();
         let mut text = String::new();
-        for (label, _) in &self.children {
-            for extension in ["out", "err"] {
-                let path = self.log_dir.join(format!("{label}.{extension}"));
-                let content = std::fs::read_to_string(&path).unwrap_or_default();
-                let tail: Vec<&str> = content.lines().rev().take(40).collect();
-                text.push_str(&format!("--- {label}.{extension} ---\n"));
-                for line in tail.into_iter().rev() {
-                    text.push_str(line);
-                    text.push('\n');
-                }
+        for path in files {
+            let content = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = content.lines().rev().take(60).collect();
+            text.push_str(&format!("--- {} ---\n", path.display()));
+            for line in tail.into_iter().rev() {
+                text.push_str(line);
+                text.push('\n');
             }
         }
         text
@@ -398,10 +483,10 @@ impl Handler for Keep {
 }
 
 impl KafkaWatcher {
-    pub async fn start(brokers: &str, topic: &str) -> KafkaWatcher {
-        let bus =
-            rapport_bus::kafka::KafkaBus::connect(rapport_bus::kafka::KafkaSettings::new(brokers))
-                .expect("kafka");
+    pub async fn start(platform: &Platform, topic: &str) -> KafkaWatcher {
+        let mut settings = rapport_bus::kafka::KafkaSettings::new(platform.kafka_brokers());
+        settings.namespace = platform.kafka_namespace().to_owned();
+        let bus = rapport_bus::kafka::KafkaBus::connect(settings).expect("kafka");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let group = format!("test-watcher-{}", uuid::Uuid::new_v4().simple());
         let consumer = bus
@@ -444,5 +529,199 @@ impl KafkaWatcher {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// A real SMTP server (aiosmtpd) that writes each message it accepts to a
+/// directory as an `.eml` file.
+pub struct SmtpSink {
+    pub port: u16,
+    directory: PathBuf,
+    _child: Child,
+}
+
+impl SmtpSink {
+    pub async fn start() -> SmtpSink {
+        let port = free_port();
+        let directory =
+            std::env::temp_dir().join(format!("rapport-smtp-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&directory).expect("mail dir");
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/smtp_sink.py");
+        let python_path =
+            std::env::var("TEST_PYTHONPATH").unwrap_or_else(|_| "/var/tmp/rapport/python".into());
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .arg(&directory)
+            .arg(port.to_string())
+            .env("PYTHONPATH", python_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 runs the SMTP server");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "SMTP server exited with {status} (is aiosmtpd installed? deploy/local-stack.sh installs it)"
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "SMTP server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        SmtpSink {
+            port,
+            directory,
+            _child: child,
+        }
+    }
+
+    /// Raw messages received so far, oldest first.
+    pub fn messages(&self) -> Vec<Vec<u8>> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.directory)
+            .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.retain(|path| path.extension().is_some_and(|ext| ext == "eml"));
+        files.sort();
+        files
+            .into_iter()
+            .filter_map(|path| std::fs::read(path).ok())
+            .collect()
+    }
+
+    /// Waits until `count` messages have arrived and returns them.
+    pub async fn wait_for(&self, count: usize, platform: &Platform) -> Vec<Vec<u8>> {
+        let start = Instant::now();
+        loop {
+            let messages = self.messages();
+            if messages.len() >= count {
+                return messages;
+            }
+            if start.elapsed() > STARTUP {
+                panic!(
+                    "{count} emails expected, {} arrived\n{}",
+                    messages.len(),
+                    platform.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A response from [`http`].
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A plain HTTP/1.1 request to a local URL (`http://127.0.0.1:port/path`),
+/// as a browser or mail client would send it.
+pub async fn http(
+    method: &str,
+    url: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> HttpResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (authority, path) = rest
+        .split_once('/')
+        .map(|(a, p)| (a, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let mut stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .expect("connect");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nUser-Agent: rapport-tests\r\n"
+    );
+    if let Some(content_type) = content_type {
+        request.push_str(&format!("Content-Type: {content_type}\r\n"));
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(request.as_bytes()).await.expect("send");
+    stream.write_all(body).await.expect("send body");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read response");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut body = raw[split + 4..].to_vec();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    if chunked {
+        body = dechunk(&body);
+    }
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..line_end]).trim(), 16)
+            .unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        let start = line_end + 2;
+        out.extend_from_slice(&data[start..(start + size).min(data.len())]);
+        data = &data[(start + size + 2).min(data.len())..];
+    }
+}
+
+/// Polls `check` until it returns `Some`, for at most `STARTUP`.
+pub async fn eventually<T, F, Fut>(what: &str, platform: &Platform, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if start.elapsed() > STARTUP {
+            panic!("timed out waiting for {what}\n{}", platform.logs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

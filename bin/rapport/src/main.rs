@@ -143,8 +143,9 @@ async fn create_topics(config: &Config) -> anyhow::Result<()> {
     let Some(brokers) = config.brokers() else {
         anyhow::bail!("no Kafka brokers configured; set RAPPORT_KAFKA_BROKERS");
     };
-    let bus =
-        rapport_bus::kafka::KafkaBus::connect(rapport_bus::kafka::KafkaSettings::new(brokers))?;
+    let mut settings = rapport_bus::kafka::KafkaSettings::new(brokers);
+    settings.namespace = config.kafka.namespace.clone();
+    let bus = rapport_bus::kafka::KafkaBus::connect(settings)?;
     let topics =
         rapport_bus::topics::all_topics(config.kafka.partitions, config.kafka.replication_factor);
     bus.ensure_topics(&topics).await?;
@@ -155,7 +156,7 @@ async fn create_topics(config: &Config) -> anyhow::Result<()> {
     for topic in topics {
         println!(
             "{:<45} {:>10} {:>9} {:>9}d",
-            topic.name,
+            format!("{}{}", config.kafka.namespace, topic.name),
             topic.partitions,
             topic.replication_factor,
             topic.retention.as_secs() / 86_400

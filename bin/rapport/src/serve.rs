@@ -90,6 +90,7 @@ fn connect_bus(config: &Config, services: &[ServiceKind]) -> anyhow::Result<Shar
     match config.brokers() {
         Some(brokers) => {
             let mut settings = rapport_bus::kafka::KafkaSettings::new(brokers);
+            settings.namespace = config.kafka.namespace.clone();
             settings.client_id = format!(
                 "rapport-{}",
                 services

@@ -31,6 +31,9 @@ pub struct KafkaSettings {
     pub delivery_timeout: Duration,
     /// `client.id` prefix, visible in broker logs.
     pub client_id: String,
+    /// Prefix of every topic and consumer group name, so several deployments
+    /// (or test runs) can share one cluster. Empty in a normal deployment.
+    pub namespace: String,
 }
 
 impl KafkaSettings {
@@ -39,6 +42,7 @@ impl KafkaSettings {
             brokers: brokers.into(),
             delivery_timeout: Duration::from_secs(30),
             client_id: "rapport".to_owned(),
+            namespace: String::new(),
         }
     }
 }
@@ -49,6 +53,10 @@ pub struct KafkaBus {
 }
 
 impl KafkaBus {
+    fn broker_name(&self, name: &str) -> String {
+        format!("{}{name}", self.settings.namespace)
+    }
+
     pub fn connect(settings: KafkaSettings) -> Result<Self, BusError> {
         let timeout_ms = settings.delivery_timeout.as_millis().to_string();
         let producer: FutureProducer = ClientConfig::new()
@@ -79,7 +87,8 @@ impl KafkaBus {
                 value: Some(value.as_bytes()),
             });
         }
-        let future_record = FutureRecord::to(&record.topic)
+        let topic = self.broker_name(&record.topic);
+        let future_record = FutureRecord::to(&topic)
             .key(record.key.as_bytes())
             .payload(record.payload.as_slice())
             .headers(headers);
@@ -127,9 +136,10 @@ impl EventBus for KafkaBus {
         if subscription.topics.is_empty() {
             return Err(BusError::Invalid("subscription names no topic".into()));
         }
+        let group_id = self.broker_name(&subscription.group);
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.settings.brokers)
-            .set("group.id", &subscription.group)
+            .set("group.id", &group_id)
             .set(
                 "client.id",
                 format!("{}-{}", self.settings.client_id, subscription.group),
@@ -143,7 +153,13 @@ impl EventBus for KafkaBus {
             .set("topic.metadata.refresh.interval.ms", "5000")
             .create()
             .map_err(|error| BusError::Invalid(format!("kafka consumer: {error}")))?;
-        let topics: Vec<&str> = subscription.topics.iter().map(String::as_str).collect();
+        let broker_topics: Vec<String> = subscription
+            .topics
+            .iter()
+            .map(|t| self.broker_name(t))
+            .collect();
+        let topics: Vec<&str> = broker_topics.iter().map(String::as_str).collect();
+        let namespace = self.settings.namespace.clone();
         consumer
             .subscribe(&topics)
             .map_err(|error| BusError::Unavailable(format!("subscribe: {error}")))?;
@@ -166,7 +182,11 @@ impl EventBus for KafkaBus {
                     }
                 };
                 let record = Record {
-                    topic: message.topic().to_owned(),
+                    topic: message
+                        .topic()
+                        .strip_prefix(namespace.as_str())
+                        .unwrap_or(message.topic())
+                        .to_owned(),
                     key: message
                         .key()
                         .map(|key| String::from_utf8_lossy(key).into_owned())
@@ -225,6 +245,10 @@ impl EventBus for KafkaBus {
 
     async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BusError> {
         let admin = self.admin()?;
+        let names: Vec<String> = topics
+            .iter()
+            .map(|spec| self.broker_name(&spec.name))
+            .collect();
         let retention: Vec<String> = topics
             .iter()
             .map(|spec| spec.retention.as_millis().to_string())
@@ -232,9 +256,10 @@ impl EventBus for KafkaBus {
         let new_topics: Vec<NewTopic<'_>> = topics
             .iter()
             .zip(&retention)
-            .map(|(spec, retention_ms)| {
+            .zip(&names)
+            .map(|((spec, retention_ms), name)| {
                 NewTopic::new(
-                    &spec.name,
+                    name,
                     spec.partitions,
                     TopicReplication::Fixed(spec.replication_factor),
                 )

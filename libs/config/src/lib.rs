@@ -166,6 +166,9 @@ pub struct KafkaConfig {
     pub partitions: i32,
     /// Replication factor per topic created by `rapport topics create`.
     pub replication_factor: i32,
+    /// Prefix of every topic and consumer-group name, for deployments that
+    /// share a cluster (e.g. `staging.`). Empty by default.
+    pub namespace: String,
 }
 
 impl Default for KafkaConfig {
@@ -175,6 +178,7 @@ impl Default for KafkaConfig {
             max_delivery_attempts: 5,
             partitions: 12,
             replication_factor: 1,
+            namespace: String::new(),
         }
     }
 }

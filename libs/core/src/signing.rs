@@ -39,7 +39,8 @@ impl Signer {
     /// A signer for `purpose` ("links", ...) keyed by the internal secret;
     /// different purposes get unrelated keys.
     pub fn new(internal_secret: &str, purpose: &str) -> Self {
-        let key = Sha256::digest(format!("rapport-signing-v1:{purpose}:{internal_secret}")).to_vec();
+        let key =
+            Sha256::digest(format!("rapport-signing-v1:{purpose}:{internal_secret}")).to_vec();
         Signer { key }
     }
 
@@ -51,16 +52,27 @@ impl Signer {
 
     pub fn sign<T: Serialize>(&self, payload: &T) -> String {
         let json = serde_json::to_vec(payload).unwrap_or_default();
-        format!("{}.{}", URL_SAFE_NO_PAD.encode(&json), URL_SAFE_NO_PAD.encode(self.mac(&json)))
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(&json),
+            URL_SAFE_NO_PAD.encode(self.mac(&json))
+        )
     }
 
     pub fn verify<T: DeserializeOwned>(&self, token: &str) -> Result<T, TokenError> {
         let (body, mac) = token.split_once('.').ok_or(TokenError::Malformed)?;
-        let json = URL_SAFE_NO_PAD.decode(body).map_err(|_| TokenError::Malformed)?;
-        let mac = URL_SAFE_NO_PAD.decode(mac).map_err(|_| TokenError::Malformed)?;
-        let mut verifier = HmacSha256::new_from_slice(&self.key).unwrap_or_else(|_| unreachable_mac());
+        let json = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TokenError::Malformed)?;
+        let mac = URL_SAFE_NO_PAD
+            .decode(mac)
+            .map_err(|_| TokenError::Malformed)?;
+        let mut verifier =
+            HmacSha256::new_from_slice(&self.key).unwrap_or_else(|_| unreachable_mac());
         verifier.update(&json);
-        verifier.verify_truncated_left(&mac).map_err(|_| TokenError::BadSignature)?;
+        verifier
+            .verify_truncated_left(&mac)
+            .map_err(|_| TokenError::BadSignature)?;
         if mac.len() != MAC_BYTES {
             return Err(TokenError::BadSignature);
         }
@@ -70,7 +82,9 @@ impl Signer {
     /// The credential one service presents to another
     /// (`x-rapport-internal` metadata).
     pub fn internal_credential(internal_secret: &str) -> String {
-        hex_encode(&Sha256::digest(format!("rapport-internal-v1:{internal_secret}")))
+        hex_encode(&Sha256::digest(format!(
+            "rapport-internal-v1:{internal_secret}"
+        )))
     }
 }
 
@@ -116,9 +130,18 @@ mod tests {
             .map(|(body, _)| body.to_owned())
             .unwrap_or_default()
             + "."
-            + token.split_once('.').map(|(_, mac)| mac).unwrap_or_default();
-        assert_eq!(signer.verify::<Link>(&forged), Err(TokenError::BadSignature));
-        assert_eq!(signer.verify::<Link>("nonsense"), Err(TokenError::Malformed));
+            + token
+                .split_once('.')
+                .map(|(_, mac)| mac)
+                .unwrap_or_default();
+        assert_eq!(
+            signer.verify::<Link>(&forged),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            signer.verify::<Link>("nonsense"),
+            Err(TokenError::Malformed)
+        );
     }
 }
 

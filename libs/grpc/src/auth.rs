@@ -46,7 +46,11 @@ impl AuthLayer {
 
 /// Adds the internal credential and workspace to a request one service
 /// sends another.
-pub fn internal_request<T>(message: T, credential: &str, workspace: WorkspaceId) -> tonic::Request<T> {
+pub fn internal_request<T>(
+    message: T,
+    credential: &str,
+    workspace: WorkspaceId,
+) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Ok(value) = credential.parse() {
         request.metadata_mut().insert(INTERNAL_HEADER, value);

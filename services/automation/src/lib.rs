@@ -11,11 +11,11 @@ use std::time::Duration;
 use prost::Message;
 use rapport_bus::{SharedBus, Subscription, topics};
 use rapport_config::ServiceKind;
-use rapport_db::outbox::{self, OutboxWaker};
 use rapport_core::paging::{Page, finish_page};
 use rapport_core::time::to_timestamp;
 use rapport_core::{ApiError, FieldViolation};
 use rapport_db::definitions::{DefinitionRow, Definitions, check_name};
+use rapport_db::outbox::{self, OutboxWaker};
 use rapport_grpc::auth::workspace_of;
 use rapport_grpc::{BackgroundTask, GrpcService, ServiceParts};
 use rapport_proto::automation::v1::automation_service_server::{
@@ -42,7 +42,11 @@ pub async fn build(
 ) -> Result<ServiceParts, rapport_bus::BusError> {
     let channel = |service: ServiceKind| {
         tonic::transport::Endpoint::from_shared(config.endpoint(service))
-            .map(|endpoint| endpoint.connect_timeout(Duration::from_secs(5)).connect_lazy())
+            .map(|endpoint| {
+                endpoint
+                    .connect_timeout(Duration::from_secs(5))
+                    .connect_lazy()
+            })
             .map_err(|error| rapport_bus::BusError::Invalid(format!("{service} endpoint: {error}")))
     };
     let waker = OutboxWaker::default();
@@ -52,18 +56,20 @@ pub async fn build(
         pool: pool.clone(),
         waker: waker.clone(),
         due: due.clone(),
-        contacts: rapport_proto::contacts::v1::contacts_service_client::ContactsServiceClient::new(channel(
-            ServiceKind::Contacts,
-        )?),
-        messaging: rapport_proto::messaging::v1::messaging_service_client::MessagingServiceClient::new(channel(
-            ServiceKind::Messaging,
-        )?),
+        contacts: rapport_proto::contacts::v1::contacts_service_client::ContactsServiceClient::new(
+            channel(ServiceKind::Contacts)?,
+        ),
+        messaging:
+            rapport_proto::messaging::v1::messaging_service_client::MessagingServiceClient::new(
+                channel(ServiceKind::Messaging)?,
+            ),
         credential: rapport_core::signing::Signer::internal_credential(&config.internal_secret()),
         poll: Duration::from_millis(config.automation_poll_ms),
     });
     let consumer = bus
         .subscribe(
-            Subscription::new(CONSUMER_GROUP, &[topics::MEMBERSHIPS]).with_max_attempts(config.kafka.max_delivery_attempts),
+            Subscription::new(CONSUMER_GROUP, &[topics::MEMBERSHIPS])
+                .with_max_attempts(config.kafka.max_delivery_attempts),
             Arc::new(runner::EnrolmentHandler {
                 pool: pool.clone(),
                 waker,
@@ -81,7 +87,9 @@ pub async fn build(
             routes: tonic::service::Routes::new(AutomationServiceServer::new(api)),
         },
         background: vec![
-            BackgroundTask::new("automation membership consumer", move || consumer.shutdown()),
+            BackgroundTask::new("automation membership consumer", move || {
+                consumer.shutdown()
+            }),
             BackgroundTask::new("automation journey runner", move || async move {
                 runner_cancel.cancel();
                 let _ = runner_task.await;

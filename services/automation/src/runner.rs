@@ -24,10 +24,10 @@ use rapport_proto::automation::v1::step::Action;
 use rapport_proto::automation::v1::trigger::Trigger;
 use rapport_proto::contacts::v1::GetContactRequest;
 use rapport_proto::contacts::v1::contacts_service_client::ContactsServiceClient;
+use rapport_proto::events::v1::JourneyStepEvent;
 use rapport_proto::events::v1::envelope::Payload;
 use rapport_proto::events::v1::journey_step_event::Status as StepStatus;
 use rapport_proto::events::v1::membership_changed::Change;
-use rapport_proto::events::v1::JourneyStepEvent;
 use rapport_proto::messaging::v1::SendMessageRequest;
 use rapport_proto::messaging::v1::messaging_service_client::MessagingServiceClient;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -56,8 +56,16 @@ async fn step_event(
     event: JourneyStepEvent,
 ) -> Result<(), sqlx::Error> {
     let key = event.contact_id.clone();
-    let envelope = envelope::new_envelope(&workspace.to_string(), "automation", Payload::JourneyStep(event));
-    outbox::enqueue(transaction, &envelope::to_record(topics::JOURNEY_STEPS, &key, &envelope)).await
+    let envelope = envelope::new_envelope(
+        &workspace.to_string(),
+        "automation",
+        Payload::JourneyStep(event),
+    );
+    outbox::enqueue(
+        transaction,
+        &envelope::to_record(topics::JOURNEY_STEPS, &key, &envelope),
+    )
+    .await
 }
 
 /// Enrols contacts that enter a segment some published journey starts from.
@@ -217,12 +225,19 @@ impl Runner {
                 .bind(run.run_id)
                 .execute(&mut *transaction)
                 .await?;
-            step_event(&mut transaction, run.workspace_id, event(StepStatus::Completed, "", String::new())).await?;
+            step_event(
+                &mut transaction,
+                run.workspace_id,
+                event(StepStatus::Completed, "", String::new()),
+            )
+            .await?;
             transaction.commit().await?;
             self.waker.wake();
             return Ok(true);
         };
-        let result = self.execute(&run, &step.step_id, step.action.as_ref()).await;
+        let result = self
+            .execute(&run, &step.step_id, step.action.as_ref())
+            .await;
         match result {
             StepResult::Advance(next_due) => {
                 sqlx::query(
@@ -233,8 +248,12 @@ impl Runner {
                 .bind(next_due)
                 .execute(&mut *transaction)
                 .await?;
-                step_event(&mut transaction, run.workspace_id, event(StepStatus::StepCompleted, &step.step_id, String::new()))
-                    .await?;
+                step_event(
+                    &mut transaction,
+                    run.workspace_id,
+                    event(StepStatus::StepCompleted, &step.step_id, String::new()),
+                )
+                .await?;
             }
             StepResult::Retry(next_due, error) => {
                 tracing::warn!(run_id = %run.run_id, step_id = %step.step_id, %error, "journey step failed; will retry");
@@ -256,7 +275,12 @@ impl Runner {
                 .bind(&error)
                 .execute(&mut *transaction)
                 .await?;
-                step_event(&mut transaction, run.workspace_id, event(StepStatus::StepFailed, &step.step_id, error)).await?;
+                step_event(
+                    &mut transaction,
+                    run.workspace_id,
+                    event(StepStatus::StepFailed, &step.step_id, error),
+                )
+                .await?;
             }
         }
         transaction.commit().await?;
@@ -271,18 +295,32 @@ impl Runner {
             Some(Action::Wait(wait)) => {
                 let duration = wait
                     .duration
-                    .map(|d| chrono::Duration::seconds(d.seconds) + chrono::Duration::nanoseconds(i64::from(d.nanos)))
+                    .map(|d| {
+                        chrono::Duration::seconds(d.seconds)
+                            + chrono::Duration::nanoseconds(i64::from(d.nanos))
+                    })
                     .unwrap_or_else(chrono::Duration::zero);
                 StepResult::Advance(now + duration)
             }
-            Some(Action::SendMessage(send)) => match self.send(run, step_id, &send.template).await {
-                Ok(()) => StepResult::Advance(now),
-                Err(status) if is_retryable(status.code()) && run.attempts + 1 < MAX_ATTEMPTS => {
-                    let backoff = chrono::Duration::seconds(2_i64.pow(u32::try_from(run.attempts).unwrap_or(0).min(8)));
-                    StepResult::Retry(now + backoff, format!("{:?}: {}", status.code(), status.message()))
+            Some(Action::SendMessage(send)) => {
+                match self.send(run, step_id, &send.template).await {
+                    Ok(()) => StepResult::Advance(now),
+                    Err(status)
+                        if is_retryable(status.code()) && run.attempts + 1 < MAX_ATTEMPTS =>
+                    {
+                        let backoff = chrono::Duration::seconds(
+                            2_i64.pow(u32::try_from(run.attempts).unwrap_or(0).min(8)),
+                        );
+                        StepResult::Retry(
+                            now + backoff,
+                            format!("{:?}: {}", status.code(), status.message()),
+                        )
+                    }
+                    Err(status) => {
+                        StepResult::Fail(format!("{:?}: {}", status.code(), status.message()))
+                    }
                 }
-                Err(status) => StepResult::Fail(format!("{:?}: {}", status.code(), status.message())),
-            },
+            }
         }
     }
 

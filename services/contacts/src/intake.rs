@@ -39,9 +39,21 @@ impl Handler for IngestedEventHandler {
             .workspace_id
             .parse()
             .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
-        let traits = event.traits.as_ref().map(struct_to_json).unwrap_or_default();
-        let properties = event.properties.as_ref().map(struct_to_json).unwrap_or_default();
-        let context = event.context.as_ref().map(struct_to_json).unwrap_or_default();
+        let traits = event
+            .traits
+            .as_ref()
+            .map(struct_to_json)
+            .unwrap_or_default();
+        let properties = event
+            .properties
+            .as_ref()
+            .map(struct_to_json)
+            .unwrap_or_default();
+        let context = event
+            .context
+            .as_ref()
+            .map(struct_to_json)
+            .unwrap_or_default();
         let Ok(email) = normalise_email(&text(&traits, &["email"])) else {
             // Anonymous activity: nothing to create yet.
             return Ok(());
@@ -56,7 +68,11 @@ impl Handler for IngestedEventHandler {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(str::to_owned);
-        let default_source = if event.kind() == Kind::FormSubmitted { "form" } else { "identify" };
+        let default_source = if event.kind() == Kind::FormSubmitted {
+            "form"
+        } else {
+            "identify"
+        };
         let input = ContactInput {
             email,
             phone: normalise_phone(&text(&traits, &["phone"])).unwrap_or_default(),
@@ -70,7 +86,9 @@ impl Handler for IngestedEventHandler {
         };
         match self.store.upsert(workspace, None, input).await {
             Ok(_) => Ok(()),
-            Err(error) if error.code.is_retryable() || error.code == rapport_core::ErrorCode::Internal => {
+            Err(error)
+                if error.code.is_retryable() || error.code == rapport_core::ErrorCode::Internal =>
+            {
                 Err(HandlerError::Retryable(error.message))
             }
             Err(error) => Err(HandlerError::Permanent(error.message)),

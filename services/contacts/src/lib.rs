@@ -34,8 +34,11 @@ pub async fn build(
     let store = Arc::new(store::Store::new(pool, waker));
     let consumer = bus
         .subscribe(
-            Subscription::new(CONSUMER_GROUP, &[topics::INGESTED_EVENTS]).with_max_attempts(config.kafka.max_delivery_attempts),
-            Arc::new(intake::IngestedEventHandler { store: store.clone() }),
+            Subscription::new(CONSUMER_GROUP, &[topics::INGESTED_EVENTS])
+                .with_max_attempts(config.kafka.max_delivery_attempts),
+            Arc::new(intake::IngestedEventHandler {
+                store: store.clone(),
+            }),
         )
         .await?;
     let api = api::ContactsApi::new(store);

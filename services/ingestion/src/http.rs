@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
-use axum::Router;
 use rapport_core::json::json_to_struct;
 use rapport_core::signing::{Signer, TrackingKind, TrackingToken};
 use rapport_core::{ApiError, WorkspaceId};
@@ -21,9 +21,9 @@ use crate::pages;
 
 /// A transparent 1x1 GIF.
 const PIXEL: [u8; 43] = [
-    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff,
-    0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01, 0x00, 0x00, 0x02,
-    0x02, 0x44, 0x01, 0x00, 0x3b,
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
+    0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
 ];
 
 pub struct HttpState {
@@ -45,16 +45,33 @@ pub fn router(state: Arc<HttpState>) -> Router {
 }
 
 fn error_page(error: &ApiError) -> Response {
-    let status = StatusCode::from_u16(error.code.http_status().as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = (status, Html(pages::render_message("Something is not right", &error.message))).into_response();
+    let status = StatusCode::from_u16(error.code.http_status().as_u16())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (
+        status,
+        Html(pages::render_message(
+            "Something is not right",
+            &error.message,
+        )),
+    )
+        .into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     }
     response
 }
 
 fn not_found(what: &str) -> Response {
-    (StatusCode::NOT_FOUND, Html(pages::render_message("Not found", &format!("This {what} does not exist.")))).into_response()
+    (
+        StatusCode::NOT_FOUND,
+        Html(pages::render_message(
+            "Not found",
+            &format!("This {what} does not exist."),
+        )),
+    )
+        .into_response()
 }
 
 async fn landing_page(
@@ -69,7 +86,9 @@ async fn landing_page(
         Ok(Some(stored)) => {
             let utm: Vec<(String, String)> = query
                 .into_iter()
-                .filter(|(name, value)| pages::UTM_PARAMETERS.contains(&name.as_str()) && value.len() <= 200)
+                .filter(|(name, value)| {
+                    pages::UTM_PARAMETERS.contains(&name.as_str()) && value.len() <= 200
+                })
                 .collect();
             Html(pages::render_page(&stored.page, &state.public_url, &utm)).into_response()
         }
@@ -82,7 +101,11 @@ fn looks_like_email(value: &str) -> bool {
     let Some((local, domain)) = value.split_once('@') else {
         return false;
     };
-    !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.') && !value.contains(char::is_whitespace)
+    !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !value.contains(char::is_whitespace)
 }
 
 async fn submit_form(
@@ -100,7 +123,11 @@ async fn submit_form(
         Err(error) => return error_page(&error),
     };
     let form = stored.page.form.clone().unwrap_or_default();
-    let thank_you = if form.thank_you_message.is_empty() { "Thank you!" } else { &form.thank_you_message };
+    let thank_you = if form.thank_you_message.is_empty() {
+        "Thank you!"
+    } else {
+        &form.thank_you_message
+    };
     let value_of = |name: &str| {
         values
             .iter()
@@ -116,7 +143,11 @@ async fn submit_form(
     let mut problems = Vec::new();
     for field in &form.fields {
         let value = value_of(&field.name);
-        let label = if field.label.is_empty() { &field.name } else { &field.label };
+        let label = if field.label.is_empty() {
+            &field.name
+        } else {
+            &field.label
+        };
         if value.is_empty() {
             if field.required {
                 problems.push(format!("{label} is required."));
@@ -139,7 +170,10 @@ async fn submit_form(
     if !problems.is_empty() {
         return (
             StatusCode::UNPROCESSABLE_ENTITY,
-            Html(pages::render_message("Please check the form", &problems.join(" "))),
+            Html(pages::render_message(
+                "Please check the form",
+                &problems.join(" "),
+            )),
         )
             .into_response();
     }
@@ -161,7 +195,10 @@ async fn submit_form(
     let mut context = serde_json::Map::new();
     context.insert("campaign".into(), serde_json::Value::Object(campaign));
     context.insert("page".into(), serde_json::json!({ "url": stored.page.url }));
-    if let Some(agent) = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()) {
+    if let Some(agent) = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+    {
         context.insert("userAgent".into(), agent.into());
     }
     let event = IngestedEvent {
@@ -180,7 +217,11 @@ async fn submit_form(
 }
 
 /// Verifies a tracking token of `kind`.
-fn token(state: &HttpState, token: &str, kind: TrackingKind) -> Option<(WorkspaceId, TrackingToken)> {
+fn token(
+    state: &HttpState,
+    token: &str,
+    kind: TrackingKind,
+) -> Option<(WorkspaceId, TrackingToken)> {
     let token: TrackingToken = state.signer.verify(token).ok()?;
     if token.kind != kind {
         return None;
@@ -189,7 +230,13 @@ fn token(state: &HttpState, token: &str, kind: TrackingKind) -> Option<(Workspac
     Some((workspace, token))
 }
 
-async fn record(state: &HttpState, workspace: WorkspaceId, token: &TrackingToken, kind: Kind, name: &str) -> Result<(), ApiError> {
+async fn record(
+    state: &HttpState,
+    workspace: WorkspaceId,
+    token: &TrackingToken,
+    kind: Kind,
+    name: &str,
+) -> Result<(), ApiError> {
     let mut properties = serde_json::json!({ "message_id": token.message_id });
     if !token.url.is_empty() {
         properties["url"] = token.url.clone().into();
@@ -216,7 +263,10 @@ async fn open_pixel(State(state): State<Arc<HttpState>>, Path(raw): Path<String>
     (
         [
             (header::CONTENT_TYPE, "image/gif"),
-            (header::CACHE_CONTROL, "no-store, no-cache, must-revalidate, max-age=0"),
+            (
+                header::CACHE_CONTROL,
+                "no-store, no-cache, must-revalidate, max-age=0",
+            ),
         ],
         PIXEL.to_vec(),
     )
@@ -234,7 +284,10 @@ async fn click(State(state): State<Arc<HttpState>>, Path(raw): Path<String>) -> 
     Redirect::to(&token.url).into_response()
 }
 
-async fn unsubscribe_page(State(state): State<Arc<HttpState>>, Path(raw): Path<String>) -> Response {
+async fn unsubscribe_page(
+    State(state): State<Arc<HttpState>>,
+    Path(raw): Path<String>,
+) -> Response {
     if token(&state, &raw, TrackingKind::Unsubscribe).is_none() {
         return not_found("link");
     }
@@ -252,8 +305,20 @@ async fn unsubscribe(State(state): State<Arc<HttpState>>, Path(raw): Path<String
     let Some((workspace, token)) = token(&state, &raw, TrackingKind::Unsubscribe) else {
         return not_found("link");
     };
-    match record(&state, workspace, &token, Kind::Unsubscribed, "Unsubscribed").await {
-        Ok(()) => Html(pages::render_message("Unsubscribed", "You will not get these emails any more.")).into_response(),
+    match record(
+        &state,
+        workspace,
+        &token,
+        Kind::Unsubscribed,
+        "Unsubscribed",
+    )
+    .await
+    {
+        Ok(()) => Html(pages::render_message(
+            "Unsubscribed",
+            "You will not get these emails any more.",
+        ))
+        .into_response(),
         Err(error) => error_page(&error),
     }
 }

@@ -29,7 +29,11 @@ pub struct Accepted {
 }
 
 impl Intake {
-    pub async fn accept(&self, workspace: WorkspaceId, mut event: IngestedEvent) -> Result<Accepted, ApiError> {
+    pub async fn accept(
+        &self,
+        workspace: WorkspaceId,
+        mut event: IngestedEvent,
+    ) -> Result<Accepted, ApiError> {
         if event.message_id.trim().is_empty() {
             event.message_id = rapport_core::ids::new_id().to_string();
         }
@@ -61,7 +65,11 @@ impl Intake {
             .cloned()
             .unwrap_or_else(|| event.message_id.clone());
         let message_id = event.message_id.clone();
-        let envelope = envelope::new_envelope(&workspace.to_string(), "ingestion", Payload::IngestedEvent(event));
+        let envelope = envelope::new_envelope(
+            &workspace.to_string(),
+            "ingestion",
+            Payload::IngestedEvent(event),
+        );
         let record = envelope::to_record(topics::INGESTED_EVENTS, &key, &envelope);
         if let Err(error) = self.bus.publish(record).await {
             tracing::warn!(%error, "event bus refused an event");

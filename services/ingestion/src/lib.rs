@@ -16,7 +16,9 @@ use rapport_grpc::auth::workspace_of;
 use rapport_grpc::{BackgroundTask, GrpcService, ServiceParts};
 use rapport_proto::events::v1::IngestedEvent;
 use rapport_proto::events::v1::ingested_event::Kind;
-use rapport_proto::ingestion::v1::ingestion_service_server::{IngestionService, IngestionServiceServer};
+use rapport_proto::ingestion::v1::ingestion_service_server::{
+    IngestionService, IngestionServiceServer,
+};
 use rapport_proto::ingestion::v1::*;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -36,20 +38,27 @@ pub async fn build(
     bus: SharedBus,
     config: &rapport_config::Config,
 ) -> Result<ServiceParts, rapport_bus::BusError> {
-    let intake = intake::Intake { pool: pool.clone(), bus };
+    let intake = intake::Intake {
+        pool: pool.clone(),
+        bus,
+    };
     let state = Arc::new(http::HttpState {
         intake: intake.clone(),
-        signer: rapport_core::signing::Signer::new(&config.internal_secret(), rapport_core::signing::TRACKING_PURPOSE),
+        signer: rapport_core::signing::Signer::new(
+            &config.internal_secret(),
+            rapport_core::signing::TRACKING_PURPOSE,
+        ),
         public_url: config.public_url.clone(),
     });
-    let listener = tokio::net::TcpListener::bind((config.listen_host.as_str(), config.ports.ingestion_http))
-        .await
-        .map_err(|error| {
-            rapport_bus::BusError::Invalid(format!(
-                "ingestion HTTP cannot listen on {}:{}: {error}",
-                config.listen_host, config.ports.ingestion_http
-            ))
-        })?;
+    let listener =
+        tokio::net::TcpListener::bind((config.listen_host.as_str(), config.ports.ingestion_http))
+            .await
+            .map_err(|error| {
+                rapport_bus::BusError::Invalid(format!(
+                    "ingestion HTTP cannot listen on {}:{}: {error}",
+                    config.listen_host, config.ports.ingestion_http
+                ))
+            })?;
     let local_addr = listener.local_addr().ok();
     tracing::info!(address = ?local_addr, "ingestion HTTP listening");
     let cancel = CancellationToken::new();
@@ -57,7 +66,10 @@ pub async fn build(
     let router = http::router(state);
     let server = tokio::spawn(async move {
         let shutdown = async move { server_cancel.cancelled().await };
-        if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
+        if let Err(error) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::error!(%error, "ingestion HTTP server failed");
         }
     });
@@ -70,10 +82,13 @@ pub async fn build(
                 public_url: config.public_url.clone(),
             })),
         },
-        background: vec![BackgroundTask::new("ingestion HTTP server", move || async move {
-            cancel.cancel();
-            let _ = server.await;
-        })],
+        background: vec![BackgroundTask::new(
+            "ingestion HTTP server",
+            move || async move {
+                cancel.cancel();
+                let _ = server.await;
+            },
+        )],
     })
 }
 
@@ -91,7 +106,11 @@ fn check_ids(message_id: &str, user_id: &str, anonymous_id: &str) -> Result<(), 
             description: "one of user_id and anonymous_id is required".into(),
         });
     }
-    for (field, value) in [("message_id", message_id), ("user_id", user_id), ("anonymous_id", anonymous_id)] {
+    for (field, value) in [
+        ("message_id", message_id),
+        ("user_id", user_id),
+        ("anonymous_id", anonymous_id),
+    ] {
         if value.len() > MAX_ID_LENGTH {
             violations.push(FieldViolation {
                 field: field.into(),
@@ -108,7 +127,10 @@ fn check_ids(message_id: &str, user_id: &str, anonymous_id: &str) -> Result<(), 
 
 #[tonic::async_trait]
 impl IngestionService for IngestionApi {
-    async fn track(&self, request: Request<TrackRequest>) -> Result<Response<TrackResponse>, Status> {
+    async fn track(
+        &self,
+        request: Request<TrackRequest>,
+    ) -> Result<Response<TrackResponse>, Status> {
         let workspace = workspace_of(&request)?;
         let request = request.into_inner();
         check_ids(&request.message_id, &request.user_id, &request.anonymous_id)?;
@@ -133,7 +155,10 @@ impl IngestionService for IngestionApi {
         }))
     }
 
-    async fn identify(&self, request: Request<IdentifyRequest>) -> Result<Response<IdentifyResponse>, Status> {
+    async fn identify(
+        &self,
+        request: Request<IdentifyRequest>,
+    ) -> Result<Response<IdentifyResponse>, Status> {
         let workspace = workspace_of(&request)?;
         let request = request.into_inner();
         check_ids(&request.message_id, &request.user_id, &request.anonymous_id)?;
@@ -165,7 +190,9 @@ impl IngestionService for IngestionApi {
         page.name = check_name("page.name", &page.name)?;
         pages::check(&page)?;
         let page = pages::create(&self.pool, workspace, page, &self.public_url).await?;
-        Ok(Response::new(CreateLandingPageResponse { page: Some(page) }))
+        Ok(Response::new(CreateLandingPageResponse {
+            page: Some(page),
+        }))
     }
 
     async fn get_landing_page(
@@ -176,7 +203,9 @@ impl IngestionService for IngestionApi {
         let page_id = rapport_core::ids::parse_id("page_id", &request.get_ref().page_id)?;
         match pages::by_page(&self.pool, page_id).await? {
             Some(stored) if stored.workspace == workspace => {
-                Ok(Response::new(GetLandingPageResponse { page: Some(stored.page) }))
+                Ok(Response::new(GetLandingPageResponse {
+                    page: Some(stored.page),
+                }))
             }
             _ => Err(ApiError::not_found(format!("landing page {page_id}")).into()),
         }

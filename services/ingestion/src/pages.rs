@@ -13,7 +13,13 @@ const MAX_FIELDS: usize = 30;
 /// The hidden field bots fill in and people do not see.
 pub const HONEYPOT_FIELD: &str = "website";
 /// Query parameters a page carries into its submissions.
-pub const UTM_PARAMETERS: [&str; 5] = ["utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content"];
+pub const UTM_PARAMETERS: [&str; 5] = [
+    "utm_source",
+    "utm_medium",
+    "utm_campaign",
+    "utm_term",
+    "utm_content",
+];
 
 pub fn check(page: &LandingPage) -> Result<(), ApiError> {
     let mut violations = Vec::new();
@@ -46,11 +52,17 @@ pub fn check(page: &LandingPage) -> Result<(), ApiError> {
                         "must be 1 to 64 letters, digits or underscores, and not a reserved name",
                     );
                 } else if !names.insert(name.to_owned()) {
-                    violation(format!("page.form.fields[{index}].name"), "is used by an earlier field");
+                    violation(
+                        format!("page.form.fields[{index}].name"),
+                        "is used by an earlier field",
+                    );
                 }
             }
             if !form.fields.iter().any(|f| f.name.trim() == "email") {
-                violation("page.form.fields".into(), "must include a field named `email`");
+                violation(
+                    "page.form.fields".into(),
+                    "must include a field named `email`",
+                );
             }
         }
     }
@@ -75,7 +87,12 @@ fn with_url(mut page: LandingPage, page_id: Uuid, form_id: Uuid, public_url: &st
     page
 }
 
-pub async fn create(pool: &PgPool, workspace: WorkspaceId, page: LandingPage, public_url: &str) -> Result<LandingPage, ApiError> {
+pub async fn create(
+    pool: &PgPool,
+    workspace: WorkspaceId,
+    page: LandingPage,
+    public_url: &str,
+) -> Result<LandingPage, ApiError> {
     let page_id = rapport_core::ids::new_id();
     let form_id = rapport_core::ids::new_id();
     let page = with_url(page, page_id, form_id, public_url);
@@ -91,10 +108,12 @@ pub async fn create(pool: &PgPool, workspace: WorkspaceId, page: LandingPage, pu
     .await;
     match result {
         Ok(_) => Ok(page),
-        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23505") => Err(ApiError::new(
-            ErrorCode::AlreadyExists,
-            format!("a landing page named `{}` already exists", page.name.trim()),
-        )),
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23505") => {
+            Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("a landing page named `{}` already exists", page.name.trim()),
+            ))
+        }
         Err(error) => Err(map_db_error(error)),
     }
 }
@@ -104,7 +123,11 @@ async fn load(pool: &PgPool, column: &str, id: Uuid) -> Result<Option<StoredPage
         "form_id" => "SELECT workspace_id, definition FROM landing_pages WHERE form_id = $1",
         _ => "SELECT workspace_id, definition FROM landing_pages WHERE page_id = $1",
     };
-    let row: Option<(Uuid, Vec<u8>)> = sqlx::query_as(query).bind(id).fetch_optional(pool).await.map_err(map_db_error)?;
+    let row: Option<(Uuid, Vec<u8>)> = sqlx::query_as(query)
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .map_err(map_db_error)?;
     row.map(|(workspace, bytes)| {
         LandingPage::decode(bytes.as_slice())
             .map(|page| StoredPage {
@@ -141,7 +164,14 @@ fn document(title: &str, body: &str) -> String {
 pub fn render_page(page: &LandingPage, public_url: &str, utm: &[(String, String)]) -> String {
     let empty = Form::default();
     let form = page.form.as_ref().unwrap_or(&empty);
-    let mut body = format!("<h1>{}</h1>", text(if page.headline.is_empty() { &page.title } else { &page.headline }));
+    let mut body = format!(
+        "<h1>{}</h1>",
+        text(if page.headline.is_empty() {
+            &page.title
+        } else {
+            &page.headline
+        })
+    );
     for paragraph in page.body.split("\n\n").filter(|p| !p.trim().is_empty()) {
         body.push_str(&format!("<p>{}</p>", text(paragraph.trim())));
     }
@@ -156,7 +186,11 @@ pub fn render_page(page: &LandingPage, public_url: &str, utm: &[(String, String)
             "phone" => "tel",
             _ => "text",
         };
-        let label = if field.label.is_empty() { &field.name } else { &field.label };
+        let label = if field.label.is_empty() {
+            &field.name
+        } else {
+            &field.label
+        };
         body.push_str(&format!(
             "<label for=\"{name}\">{label}</label><input id=\"{name}\" name=\"{name}\" type=\"{kind}\"{required}>",
             name = attr(&field.name),
@@ -174,11 +208,21 @@ pub fn render_page(page: &LandingPage, public_url: &str, utm: &[(String, String)
     body.push_str(&format!(
         "<div class=\"hp\" aria-hidden=\"true\"><label>Leave empty<input name=\"{HONEYPOT_FIELD}\" tabindex=\"-1\" autocomplete=\"off\"></label></div>"
     ));
-    let submit = if form.submit_label.is_empty() { "Submit" } else { &form.submit_label };
-    body.push_str(&format!("<button type=\"submit\">{}</button></form>", text(submit)));
+    let submit = if form.submit_label.is_empty() {
+        "Submit"
+    } else {
+        &form.submit_label
+    };
+    body.push_str(&format!(
+        "<button type=\"submit\">{}</button></form>",
+        text(submit)
+    ));
     document(&page.title, &body)
 }
 
 pub fn render_message(title: &str, message: &str) -> String {
-    document(title, &format!("<h1>{}</h1><p>{}</p>", text(title), text(message)))
+    document(
+        title,
+        &format!("<h1>{}</h1><p>{}</p>", text(title), text(message)),
+    )
 }

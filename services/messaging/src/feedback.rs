@@ -34,15 +34,25 @@ impl Handler for FeedbackHandler {
             .workspace_id
             .parse()
             .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
-        let properties = event.properties.as_ref().map(struct_to_json).unwrap_or_default();
+        let properties = event
+            .properties
+            .as_ref()
+            .map(struct_to_json)
+            .unwrap_or_default();
         let Some(message_id) = properties
             .get("message_id")
             .and_then(|v| v.as_str())
             .and_then(|v| v.parse::<uuid::Uuid>().ok())
         else {
-            return Err(HandlerError::Permanent("tracking event without a message_id".into()));
+            return Err(HandlerError::Permanent(
+                "tracking event without a message_id".into(),
+            ));
         };
-        let url = properties.get("url").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        let url = properties
+            .get("url")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned();
 
         let retryable = |error: sqlx::Error| HandlerError::Retryable(error.to_string());
         let mut transaction = self.pool.begin().await.map_err(retryable)?;
@@ -68,7 +78,9 @@ impl Handler for FeedbackHandler {
         .await
         .map_err(retryable)?;
         let Some((contact_id, template_id, journey_id)) = send else {
-            return Err(HandlerError::Permanent(format!("no message {message_id} in this workspace")));
+            return Err(HandlerError::Permanent(format!(
+                "no message {message_id} in this workspace"
+            )));
         };
         if status == Status::Unsubscribed {
             sqlx::query(
@@ -91,7 +103,11 @@ impl Handler for FeedbackHandler {
             url,
             reason: String::new(),
         };
-        let outgoing = envelope::new_envelope(&incoming.workspace_id, "messaging", Payload::MessageEvent(lifecycle));
+        let outgoing = envelope::new_envelope(
+            &incoming.workspace_id,
+            "messaging",
+            Payload::MessageEvent(lifecycle),
+        );
         outbox::enqueue(
             &mut transaction,
             &envelope::to_record(topics::MESSAGE_LIFECYCLE, &contact_id, &outgoing),

@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use prost::Message;
 use rapport_bus::{SharedBus, Subscription, topics};
-use rapport_db::outbox::{self, OutboxWaker};
 use rapport_core::paging::{Page, finish_page};
 use rapport_core::time::to_timestamp;
 use rapport_core::{ApiError, FieldViolation};
 use rapport_db::definitions::{DefinitionRow, Definitions, check_name};
+use rapport_db::outbox::{self, OutboxWaker};
 use rapport_grpc::auth::workspace_of;
 use rapport_grpc::{BackgroundTask, GrpcService, ServiceParts};
 use rapport_proto::messaging::v1::messaging_service_server::{
@@ -44,7 +44,8 @@ pub async fn build(
     let relay = outbox::spawn_relay(pool.clone(), bus.clone(), SCHEMA, waker.clone());
     let consumer = bus
         .subscribe(
-            Subscription::new(CONSUMER_GROUP, &[topics::INGESTED_EVENTS]).with_max_attempts(config.kafka.max_delivery_attempts),
+            Subscription::new(CONSUMER_GROUP, &[topics::INGESTED_EVENTS])
+                .with_max_attempts(config.kafka.max_delivery_attempts),
             Arc::new(feedback::FeedbackHandler {
                 pool: pool.clone(),
                 waker: waker.clone(),
@@ -129,7 +130,14 @@ fn check_template(template: &Template) -> Vec<FieldViolation> {
         if body.len() > MAX_BODY_BYTES {
             violation(field, format!("is larger than {MAX_BODY_BYTES} bytes"));
         } else if let Err(error) = render::check(field, body) {
-            violation(field, error.field_violations.first().map(|v| v.description.clone()).unwrap_or_default());
+            violation(
+                field,
+                error
+                    .field_violations
+                    .first()
+                    .map(|v| v.description.clone())
+                    .unwrap_or_default(),
+            );
         }
     }
     violations

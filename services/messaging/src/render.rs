@@ -15,22 +15,29 @@ fn parser() -> &'static liquid::Parser {
 
 /// Checks that `source` is a valid Liquid template (for CreateTemplate).
 pub fn check(field: &str, source: &str) -> Result<(), ApiError> {
-    parser()
-        .parse(source)
-        .map(|_| ())
-        .map_err(|error| ApiError::invalid_field(field, format!("is not a valid Liquid template: {error}")))
+    parser().parse(source).map(|_| ()).map_err(|error| {
+        ApiError::invalid_field(field, format!("is not a valid Liquid template: {error}"))
+    })
 }
 
 /// Renders `source` with `variables` (a JSON object) as Liquid globals.
-pub fn render(field: &str, source: &str, variables: &serde_json::Value) -> Result<String, ApiError> {
+pub fn render(
+    field: &str,
+    source: &str,
+    variables: &serde_json::Value,
+) -> Result<String, ApiError> {
     let template = parser().parse(source).map_err(|error| {
         ApiError::new(
             rapport_core::ErrorCode::FailedPrecondition,
             format!("template {field} does not parse: {error}"),
         )
     })?;
-    let globals = liquid::model::to_object(variables)
-        .map_err(|error| ApiError::invalid_field("variables", format!("cannot be used as template variables: {error}")))?;
+    let globals = liquid::model::to_object(variables).map_err(|error| {
+        ApiError::invalid_field(
+            "variables",
+            format!("cannot be used as template variables: {error}"),
+        )
+    })?;
     template.render(&globals).map_err(|error| {
         ApiError::new(
             rapport_core::ErrorCode::FailedPrecondition,
@@ -42,7 +49,12 @@ pub fn render(field: &str, source: &str, variables: &serde_json::Value) -> Resul
 /// Rewrites every http(s) link of `html` through `track` (links under
 /// `own_prefix`, such as the unsubscribe link, are left alone) and adds the
 /// open pixel before `</body>`.
-pub fn instrument(html: &str, own_prefix: &str, pixel_url: &str, track: impl Fn(&str) -> String) -> String {
+pub fn instrument(
+    html: &str,
+    own_prefix: &str,
+    pixel_url: &str,
+    track: impl Fn(&str) -> String,
+) -> String {
     let mut out = String::with_capacity(html.len() + 256);
     let mut rest = html;
     while let Some(start) = find_href(rest) {
@@ -55,7 +67,9 @@ pub fn instrument(html: &str, own_prefix: &str, pixel_url: &str, track: impl Fn(
         let raw = &after[..end];
         let url = html_escape::decode_html_entities(raw);
         let lower = url.to_ascii_lowercase();
-        if (lower.starts_with("http://") || lower.starts_with("https://")) && !url.starts_with(own_prefix) {
+        if (lower.starts_with("http://") || lower.starts_with("https://"))
+            && !url.starts_with(own_prefix)
+        {
             out.push_str(&html_escape::encode_double_quoted_attribute(&track(&url)));
         } else {
             out.push_str(raw);
@@ -122,12 +136,18 @@ mod tests {
     #[test]
     fn links_are_tracked_and_the_pixel_added() {
         let html = r#"<html><body><a href="https://example.com/guide?a=1&amp;b=2">Guide</a> <a href='mailto:x@example.com'>mail</a> <a href="https://t.example/u/abc">unsubscribe</a></body></html>"#;
-        let out = instrument(html, "https://t.example/", "https://t.example/o/pixel", |url| {
-            format!("https://t.example/c/{}", url.len())
-        });
+        let out = instrument(
+            html,
+            "https://t.example/",
+            "https://t.example/o/pixel",
+            |url| format!("https://t.example/c/{}", url.len()),
+        );
         assert!(out.contains(r#"href="https://t.example/c/33""#), "{out}");
         assert!(out.contains("mailto:x@example.com"));
-        assert!(out.contains(r#"href="https://t.example/u/abc""#), "own links untouched: {out}");
+        assert!(
+            out.contains(r#"href="https://t.example/u/abc""#),
+            "own links untouched: {out}"
+        );
         assert!(out.contains(r#"<img src="https://t.example/o/pixel""#));
         assert!(out.ends_with("</body></html>"));
     }

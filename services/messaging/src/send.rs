@@ -70,18 +70,31 @@ fn validate(request: &SendMessageRequest) -> Result<(), ApiError> {
 
 impl Sender {
     fn link(&self, path: &str, token: &TrackingToken) -> String {
-        format!("{}/{path}/{}", self.public_url.trim_end_matches('/'), self.signer.sign(token))
+        format!(
+            "{}/{path}/{}",
+            self.public_url.trim_end_matches('/'),
+            self.signer.sign(token)
+        )
     }
 
-    pub async fn send(&self, workspace: WorkspaceId, request: SendMessageRequest) -> Result<SendMessageResponse, ApiError> {
+    pub async fn send(
+        &self,
+        workspace: WorkspaceId,
+        request: SendMessageRequest,
+    ) -> Result<SendMessageResponse, ApiError> {
         validate(&request)?;
-        let Some(template_row) = self.templates.get_by_name(workspace, request.template.trim()).await? else {
+        let Some(template_row) = self
+            .templates
+            .get_by_name(workspace, request.template.trim())
+            .await?
+        else {
             return Err(ApiError::new(
                 ErrorCode::NotFound,
                 format!("template `{}` not found", request.template.trim()),
             ));
         };
-        let template = Template::decode(template_row.definition.as_slice()).map_err(|error| ApiError::internal(&error))?;
+        let template = Template::decode(template_row.definition.as_slice())
+            .map_err(|error| ApiError::internal(&error))?;
         if template.channel() != Channel::Email {
             return Err(ApiError::new(
                 ErrorCode::FailedPrecondition,
@@ -107,7 +120,12 @@ impl Sender {
         if let Some((message_id, status)) = previous {
             return Ok(SendMessageResponse {
                 message_id: message_id.to_string(),
-                status: if status == "sent" { SendStatus::Sent } else { SendStatus::Suppressed }.into(),
+                status: if status == "sent" {
+                    SendStatus::Sent
+                } else {
+                    SendStatus::Suppressed
+                }
+                .into(),
                 duplicate: true,
             });
         }
@@ -134,9 +152,16 @@ impl Sender {
             };
             let unsubscribe_url = self.link("u", &token(TrackingKind::Unsubscribe, ""));
             let pixel_url = self.link("o", &token(TrackingKind::Open, ""));
-            let mut variables = request.variables.as_ref().map(struct_to_json).unwrap_or_else(|| serde_json::json!({}));
+            let mut variables = request
+                .variables
+                .as_ref()
+                .map(struct_to_json)
+                .unwrap_or_else(|| serde_json::json!({}));
             if let Some(object) = variables.as_object_mut() {
-                object.insert("unsubscribe_url".into(), serde_json::Value::String(unsubscribe_url.clone()));
+                object.insert(
+                    "unsubscribe_url".into(),
+                    serde_json::Value::String(unsubscribe_url.clone()),
+                );
             }
             let subject = render::render("subject", &template.subject, &variables)?;
             let text = render::render("text_body", &template.text_body, &variables)?;
@@ -182,15 +207,28 @@ impl Sender {
             message_id: message_id.to_string(),
             contact_id: request.contact_id.trim().to_owned(),
             channel: EventChannel::Email.into(),
-            status: if status == SendStatus::Sent { EventStatus::Sent } else { EventStatus::Suppressed }.into(),
+            status: if status == SendStatus::Sent {
+                EventStatus::Sent
+            } else {
+                EventStatus::Suppressed
+            }
+            .into(),
             template_id: template_row.id.to_string(),
             journey_id: request.journey_id.trim().to_owned(),
             ..Default::default()
         };
-        let envelope = envelope::new_envelope(&workspace.to_string(), "messaging", Payload::MessageEvent(event));
+        let envelope = envelope::new_envelope(
+            &workspace.to_string(),
+            "messaging",
+            Payload::MessageEvent(event),
+        );
         outbox::enqueue(
             &mut transaction,
-            &envelope::to_record(topics::MESSAGE_LIFECYCLE, request.contact_id.trim(), &envelope),
+            &envelope::to_record(
+                topics::MESSAGE_LIFECYCLE,
+                request.contact_id.trim(),
+                &envelope,
+            ),
         )
         .await
         .map_err(map_db_error)?;

@@ -68,7 +68,11 @@ impl Mailer {
             .port(config.port)
             .timeout(Some(std::time::Duration::from_secs(20)))
             .build();
-        Ok(Mailer { transport, from, domain })
+        Ok(Mailer {
+            transport,
+            from,
+            domain,
+        })
     }
 
     /// Hands the email to the SMTP server; UNAVAILABLE when it refuses or
@@ -87,13 +91,25 @@ impl Mailer {
             .header(ListUnsubscribePost)
             .multipart(
                 MultiPart::alternative()
-                    .singlepart(SinglePart::builder().header(ContentType::TEXT_PLAIN).body(email.text))
-                    .singlepart(SinglePart::builder().header(ContentType::TEXT_HTML).body(email.html)),
+                    .singlepart(
+                        SinglePart::builder()
+                            .header(ContentType::TEXT_PLAIN)
+                            .body(email.text),
+                    )
+                    .singlepart(
+                        SinglePart::builder()
+                            .header(ContentType::TEXT_HTML)
+                            .body(email.html),
+                    ),
             )
             .map_err(|error| ApiError::invalid_field("message", error.to_string()))?;
-        self.transport.send(message).await.map(|_| ()).map_err(|error| {
-            tracing::warn!(%error, "SMTP delivery failed");
-            ApiError::unavailable(format!("mail server refused or unreachable: {error}"))
-        })
+        self.transport
+            .send(message)
+            .await
+            .map(|_| ())
+            .map_err(|error| {
+                tracing::warn!(%error, "SMTP delivery failed");
+                ApiError::unavailable(format!("mail server refused or unreachable: {error}"))
+            })
     }
 }

@@ -28,10 +28,18 @@ pub const SCHEMA: &str = "reporting";
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub const CONSUMER_GROUP: &str = "rapport-reporting";
 
-pub async fn build(pool: PgPool, bus: SharedBus, config: &rapport_config::Config) -> Result<ServiceParts, BusError> {
+pub async fn build(
+    pool: PgPool,
+    bus: SharedBus,
+    config: &rapport_config::Config,
+) -> Result<ServiceParts, BusError> {
     let consumer = bus
         .subscribe(
-            Subscription::new(CONSUMER_GROUP, &[topics::MESSAGE_LIFECYCLE, topics::CONTACT_CHANGES]).with_max_attempts(config.kafka.max_delivery_attempts),
+            Subscription::new(
+                CONSUMER_GROUP,
+                &[topics::MESSAGE_LIFECYCLE, topics::CONTACT_CHANGES],
+            )
+            .with_max_attempts(config.kafka.max_delivery_attempts),
             Arc::new(Rollups { pool: pool.clone() }),
         )
         .await?;
@@ -69,10 +77,12 @@ impl Handler for Rollups {
             .date_naive();
         match &envelope.payload {
             Some(Payload::MessageEvent(event)) => {
-                self.count_message(workspace, &envelope.event_id, day, event).await
+                self.count_message(workspace, &envelope.event_id, day, event)
+                    .await
             }
             Some(Payload::ContactChanged(change)) => {
-                self.count_lead(workspace, &envelope.event_id, day, change).await
+                self.count_lead(workspace, &envelope.event_id, day, change)
+                    .await
             }
             _ => Ok(()),
         }
@@ -113,7 +123,10 @@ impl Rollups {
         }
         let retryable = |error: sqlx::Error| HandlerError::Retryable(error.to_string());
         let mut transaction = self.pool.begin().await.map_err(retryable)?;
-        if Self::first_time(&mut transaction, workspace, event_id).await.map_err(retryable)? {
+        if Self::first_time(&mut transaction, workspace, event_id)
+            .await
+            .map_err(retryable)?
+        {
             sqlx::query(
                 "INSERT INTO lead_counts (workspace_id, day, source, leads) VALUES ($1, $2, $3, 1)
                  ON CONFLICT (workspace_id, day, source) DO UPDATE SET leads = lead_counts.leads + 1",
@@ -146,7 +159,10 @@ impl Rollups {
         };
         let retryable = |error: sqlx::Error| HandlerError::Retryable(error.to_string());
         let mut transaction = self.pool.begin().await.map_err(retryable)?;
-        if Self::first_time(&mut transaction, workspace, event_id).await.map_err(retryable)? {
+        if Self::first_time(&mut transaction, workspace, event_id)
+            .await
+            .map_err(retryable)?
+        {
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO message_counts (workspace_id, day, journey_id, template_id, {column})
                  VALUES ($1, $2, $3, $4, 1)
@@ -258,7 +274,10 @@ impl ReportingService for ReportingApi {
     }
 }
 
-type Period = (Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>);
+type Period = (
+    Option<chrono::DateTime<chrono::Utc>>,
+    Option<chrono::DateTime<chrono::Utc>>,
+);
 
 /// A validated reporting period.
 fn period(period: Option<&rapport_proto::common::v1::TimeRange>) -> Result<Period, ApiError> {
@@ -268,16 +287,25 @@ fn period(period: Option<&rapport_proto::common::v1::TimeRange>) -> Result<Perio
     let start = period
         .start_time
         .as_ref()
-        .map(|t| from_timestamp(t).ok_or_else(|| ApiError::invalid_field("period.start_time", "is out of range")))
+        .map(|t| {
+            from_timestamp(t)
+                .ok_or_else(|| ApiError::invalid_field("period.start_time", "is out of range"))
+        })
         .transpose()?;
     let end = period
         .end_time
         .as_ref()
-        .map(|t| from_timestamp(t).ok_or_else(|| ApiError::invalid_field("period.end_time", "is out of range")))
+        .map(|t| {
+            from_timestamp(t)
+                .ok_or_else(|| ApiError::invalid_field("period.end_time", "is out of range"))
+        })
         .transpose()?;
     if let (Some(start), Some(end)) = (start, end) {
         if start >= end {
-            return Err(ApiError::invalid_field("period", "start_time must be before end_time"));
+            return Err(ApiError::invalid_field(
+                "period",
+                "start_time must be before end_time",
+            ));
         }
     }
     Ok((start, end))

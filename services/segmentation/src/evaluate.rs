@@ -32,18 +32,26 @@ fn as_text(value: &serde_json::Value) -> String {
     }
 }
 
-fn field_matches(condition: &FieldCondition, profile: &serde_json::Value, now: DateTime<Utc>) -> bool {
+fn field_matches(
+    condition: &FieldCondition,
+    profile: &serde_json::Value,
+    now: DateTime<Utc>,
+) -> bool {
     let value = lookup(profile, condition.field.trim());
     let operator = Operator::try_from(condition.operator).unwrap_or(Operator::Unspecified);
     let expected = condition.value.trim();
     match operator {
         Operator::Unspecified => false,
-        Operator::Exists => value.is_some_and(|v| !v.is_null() && as_text(v) != "" && v != &serde_json::json!([])),
+        Operator::Exists => {
+            value.is_some_and(|v| !v.is_null() && as_text(v) != "" && v != &serde_json::json!([]))
+        }
         Operator::Equals => value.is_some_and(|v| equals(v, expected)),
         Operator::NotEquals => !value.is_some_and(|v| equals(v, expected)),
         Operator::Contains => value.is_some_and(|v| match v {
             serde_json::Value::Array(items) => items.iter().any(|item| equals(item, expected)),
-            other => as_text(other).to_lowercase().contains(&expected.to_lowercase()),
+            other => as_text(other)
+                .to_lowercase()
+                .contains(&expected.to_lowercase()),
         }),
         Operator::GreaterThan | Operator::LessThan => {
             let Some(value) = value else { return false };
@@ -62,7 +70,9 @@ fn field_matches(condition: &FieldCondition, profile: &serde_json::Value, now: D
         }
         Operator::WithinLast => value
             .and_then(|v| parse_time(&as_text(v)))
-            .is_some_and(|time| time <= now && (now - time).num_seconds() <= condition.within_seconds),
+            .is_some_and(|time| {
+                time <= now && (now - time).num_seconds() <= condition.within_seconds
+            }),
     }
 }
 
@@ -76,7 +86,9 @@ fn equals(value: &serde_json::Value, expected: &str) -> bool {
 }
 
 fn parse_time(text: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 #[cfg(test)]
@@ -108,7 +120,8 @@ mod tests {
         };
         let fresh = serde_json::json!({"lifecycle_stage": "lead", "create_time": (now - chrono::Duration::hours(1)).to_rfc3339()});
         let old = serde_json::json!({"lifecycle_stage": "lead", "create_time": (now - chrono::Duration::days(8)).to_rfc3339()});
-        let customer = serde_json::json!({"lifecycle_stage": "customer", "create_time": now.to_rfc3339()});
+        let customer =
+            serde_json::json!({"lifecycle_stage": "customer", "create_time": now.to_rfc3339()});
         assert!(matches(&new_leads, &fresh, now));
         assert!(!matches(&new_leads, &old, now));
         assert!(!matches(&new_leads, &customer, now));
@@ -118,11 +131,35 @@ mod tests {
     fn attributes_tags_and_numbers() {
         let now = Utc::now();
         let profile = serde_json::json!({"tags": ["vip", "beta"], "attributes": {"plan": "pro", "seats": 12}});
-        assert!(matches(&field("tags", Operator::Contains, "vip", 0), &profile, now));
-        assert!(matches(&field("attributes.plan", Operator::Equals, "PRO", 0), &profile, now));
-        assert!(matches(&field("attributes.seats", Operator::GreaterThan, "10", 0), &profile, now));
-        assert!(!matches(&field("attributes.seats", Operator::LessThan, "10", 0), &profile, now));
-        assert!(matches(&field("attributes.missing", Operator::NotEquals, "x", 0), &profile, now));
-        assert!(!matches(&field("attributes.missing", Operator::Exists, "", 0), &profile, now));
+        assert!(matches(
+            &field("tags", Operator::Contains, "vip", 0),
+            &profile,
+            now
+        ));
+        assert!(matches(
+            &field("attributes.plan", Operator::Equals, "PRO", 0),
+            &profile,
+            now
+        ));
+        assert!(matches(
+            &field("attributes.seats", Operator::GreaterThan, "10", 0),
+            &profile,
+            now
+        ));
+        assert!(!matches(
+            &field("attributes.seats", Operator::LessThan, "10", 0),
+            &profile,
+            now
+        ));
+        assert!(matches(
+            &field("attributes.missing", Operator::NotEquals, "x", 0),
+            &profile,
+            now
+        ));
+        assert!(!matches(
+            &field("attributes.missing", Operator::Exists, "", 0),
+            &profile,
+            now
+        ));
     }
 }

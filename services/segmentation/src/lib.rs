@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use prost::Message;
 use rapport_bus::{SharedBus, Subscription, topics};
-use rapport_db::outbox::{self, OutboxWaker};
 use rapport_core::paging::{Page, finish_page};
 use rapport_core::time::to_timestamp;
 use rapport_core::{ApiError, FieldViolation};
 use rapport_db::definitions::{DefinitionRow, Definitions, check_name};
+use rapport_db::outbox::{self, OutboxWaker};
 use rapport_grpc::auth::workspace_of;
 use rapport_grpc::{BackgroundTask, GrpcService, ServiceParts};
 use rapport_proto::segmentation::v1::condition::Condition as Kind;
@@ -46,7 +46,8 @@ pub async fn build(
     });
     let consumer = bus
         .subscribe(
-            Subscription::new(CONSUMER_GROUP, &[topics::CONTACT_CHANGES]).with_max_attempts(config.kafka.max_delivery_attempts),
+            Subscription::new(CONSUMER_GROUP, &[topics::CONTACT_CHANGES])
+                .with_max_attempts(config.kafka.max_delivery_attempts),
             Arc::new(membership::ContactChangeHandler {
                 engine: engine.clone(),
             }),

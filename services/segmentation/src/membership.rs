@@ -54,14 +54,22 @@ pub fn profile(snapshot: &ContactSnapshot) -> serde_json::Value {
     })
 }
 
-async fn segments(transaction: &mut Transaction<'_, Postgres>, workspace: Uuid) -> Result<Vec<(Uuid, Segment)>, sqlx::Error> {
-    let rows: Vec<(Uuid, Vec<u8>)> = sqlx::query_as("SELECT id, definition FROM segments WHERE workspace_id = $1")
-        .bind(workspace)
-        .fetch_all(&mut **transaction)
-        .await?;
+async fn segments(
+    transaction: &mut Transaction<'_, Postgres>,
+    workspace: Uuid,
+) -> Result<Vec<(Uuid, Segment)>, sqlx::Error> {
+    let rows: Vec<(Uuid, Vec<u8>)> =
+        sqlx::query_as("SELECT id, definition FROM segments WHERE workspace_id = $1")
+            .bind(workspace)
+            .fetch_all(&mut **transaction)
+            .await?;
     Ok(rows
         .into_iter()
-        .filter_map(|(id, bytes)| Segment::decode(bytes.as_slice()).ok().map(|segment| (id, segment)))
+        .filter_map(|(id, bytes)| {
+            Segment::decode(bytes.as_slice())
+                .ok()
+                .map(|segment| (id, segment))
+        })
         .collect())
 }
 
@@ -100,11 +108,24 @@ async fn reconcile(
         let event = MembershipChanged {
             segment_id: segment_id.to_string(),
             contact_id: contact_id.to_owned(),
-            change: if should_be_member { Change::Entered } else { Change::Exited }.into(),
+            change: if should_be_member {
+                Change::Entered
+            } else {
+                Change::Exited
+            }
+            .into(),
             cause_event_id: cause_event_id.to_owned(),
         };
-        let envelope = envelope::new_envelope(&workspace.to_string(), "segmentation", Payload::MembershipChanged(event));
-        outbox::enqueue(transaction, &envelope::to_record(topics::MEMBERSHIPS, contact_id, &envelope)).await?;
+        let envelope = envelope::new_envelope(
+            &workspace.to_string(),
+            "segmentation",
+            Payload::MembershipChanged(event),
+        );
+        outbox::enqueue(
+            transaction,
+            &envelope::to_record(topics::MEMBERSHIPS, contact_id, &envelope),
+        )
+        .await?;
     }
     Ok(changed)
 }
@@ -123,7 +144,11 @@ impl Engine {
         let mut transaction = self.pool.begin().await?;
         let profile = match snapshot {
             Some(snapshot) => {
-                let version: DateTime<Utc> = snapshot.update_time.as_ref().and_then(from_timestamp).unwrap_or(now);
+                let version: DateTime<Utc> = snapshot
+                    .update_time
+                    .as_ref()
+                    .and_then(from_timestamp)
+                    .unwrap_or(now);
                 let profile = profile(snapshot);
                 let stored = sqlx::query(
                     "INSERT INTO contact_profiles (workspace_id, contact_id, profile, version) VALUES ($1, $2, $3, $4)
@@ -144,11 +169,13 @@ impl Engine {
                 Some(profile)
             }
             None => {
-                sqlx::query("DELETE FROM contact_profiles WHERE workspace_id = $1 AND contact_id = $2")
-                    .bind(workspace)
-                    .bind(contact_id)
-                    .execute(&mut *transaction)
-                    .await?;
+                sqlx::query(
+                    "DELETE FROM contact_profiles WHERE workspace_id = $1 AND contact_id = $2",
+                )
+                .bind(workspace)
+                .bind(contact_id)
+                .execute(&mut *transaction)
+                .await?;
                 None
             }
         };
@@ -158,7 +185,15 @@ impl Engine {
                 (Some(profile), Some(condition)) => matches(condition, profile, now),
                 _ => false,
             };
-            changed |= reconcile(&mut transaction, workspace, segment_id, contact_id, member, cause_event_id).await?;
+            changed |= reconcile(
+                &mut transaction,
+                workspace,
+                segment_id,
+                contact_id,
+                member,
+                cause_event_id,
+            )
+            .await?;
         }
         transaction.commit().await?;
         if changed {
@@ -168,21 +203,35 @@ impl Engine {
     }
 
     /// Evaluates a new segment against every known contact of its workspace.
-    pub async fn backfill(&self, workspace: Uuid, segment_id: Uuid, segment: &Segment) -> Result<u64, sqlx::Error> {
+    pub async fn backfill(
+        &self,
+        workspace: Uuid,
+        segment_id: Uuid,
+        segment: &Segment,
+    ) -> Result<u64, sqlx::Error> {
         let Some(condition) = &segment.condition else {
             return Ok(0);
         };
         let now = Utc::now();
         let mut transaction = self.pool.begin().await?;
-        let profiles: Vec<(String, serde_json::Value)> =
-            sqlx::query_as("SELECT contact_id, profile FROM contact_profiles WHERE workspace_id = $1")
-                .bind(workspace)
-                .fetch_all(&mut *transaction)
-                .await?;
+        let profiles: Vec<(String, serde_json::Value)> = sqlx::query_as(
+            "SELECT contact_id, profile FROM contact_profiles WHERE workspace_id = $1",
+        )
+        .bind(workspace)
+        .fetch_all(&mut *transaction)
+        .await?;
         let mut entered = 0;
         for (contact_id, profile) in profiles {
             if matches(condition, &profile, now)
-                && reconcile(&mut transaction, workspace, segment_id, &contact_id, true, "").await?
+                && reconcile(
+                    &mut transaction,
+                    workspace,
+                    segment_id,
+                    &contact_id,
+                    true,
+                    "",
+                )
+                .await?
             {
                 entered += 1;
             }
@@ -213,12 +262,9 @@ impl Handler for ContactChangeHandler {
             .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
         let snapshot = match change.change_type() {
             ChangeType::Erased => None,
-            _ => Some(
-                change
-                    .contact
-                    .as_ref()
-                    .ok_or_else(|| HandlerError::Permanent("contact change without a snapshot".into()))?,
-            ),
+            _ => Some(change.contact.as_ref().ok_or_else(|| {
+                HandlerError::Permanent("contact change without a snapshot".into())
+            })?),
         };
         self.engine
             .apply_contact(workspace, &change.contact_id, snapshot, &envelope.event_id)
