@@ -105,14 +105,15 @@ else
   wait_for_port "$KAFKA_HOST" "$KAFKA_PORT" tansu
 fi
 
-# 4. Test and lint tools: cargo-nextest, buf, and aiosmtpd (the SMTP server
-#    the end-to-end tests deliver email to).
+# 4. Test and lint tools: cargo-nextest, buf, aiosmtpd (the SMTP server the
+#    end-to-end tests deliver email to) and prometheus-client (whose parser
+#    checks the /metrics exposition).
 PYTHON_DIR="$RAPPORT_STATE_DIR/python"
-if ! PYTHONPATH="$PYTHON_DIR" python3 -c 'import aiosmtpd' 2>/dev/null; then
-  say "installing aiosmtpd into $PYTHON_DIR"
+if ! PYTHONPATH="$PYTHON_DIR" python3 -c 'import aiosmtpd, prometheus_client' 2>/dev/null; then
+  say "installing aiosmtpd and prometheus-client into $PYTHON_DIR"
   python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
-  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$PYTHON_DIR" aiosmtpd==1.4.6 2>/dev/null ||
-    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages --target "$PYTHON_DIR" aiosmtpd==1.4.6
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$PYTHON_DIR" aiosmtpd==1.4.6 prometheus-client==0.21.1 2>/dev/null ||
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages --target "$PYTHON_DIR" aiosmtpd==1.4.6 prometheus-client==0.21.1
 fi
 export TEST_PYTHONPATH="$PYTHON_DIR"
 

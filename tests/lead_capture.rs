@@ -34,14 +34,23 @@ use support::{Layout, Platform, SmtpSink, eventually, http, with_key};
 /// The journey's wait between the two emails; two days in production.
 const WAIT_SECONDS: i64 = 8;
 
+/// How the automation side goes away between the two emails.
+#[derive(Clone, Copy)]
+enum Interruption {
+    /// SIGTERM: a deploy or a scale-down.
+    Stop,
+    /// SIGKILL: a crash or an OOM kill.
+    Crash,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lead_capture_play_in_one_process() {
-    run_play(Layout::OneProcess, "all").await;
+    run_play(Layout::OneProcess, "all", Interruption::Stop).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lead_capture_play_with_a_process_per_service() {
-    run_play(Layout::ProcessPerService, "automation").await;
+    run_play(Layout::ProcessPerService, "automation", Interruption::Crash).await;
 }
 
 fn field(
@@ -70,7 +79,7 @@ fn attribute_value<'a>(html: &'a str, marker: &str) -> &'a str {
     &html[start..end]
 }
 
-async fn run_play(layout: Layout, automation_process: &str) {
+async fn run_play(layout: Layout, automation_process: &str, interruption: Interruption) {
     let smtp = SmtpSink::start().await;
     let mut platform = Platform::start_on_kafka(
         layout,
@@ -351,8 +360,11 @@ async fn run_play(layout: Layout, automation_process: &str) {
         Some("List-Unsubscribe=One-Click")
     );
 
-    // 5. The automation side dies while the journey waits, and comes back.
-    platform.crash_and_restart(automation_process).await;
+    // 5. The automation side goes away while the journey waits, and comes back.
+    match interruption {
+        Interruption::Stop => platform.stop_and_restart(automation_process).await,
+        Interruption::Crash => platform.crash_and_restart(automation_process).await,
+    }
 
     let both = smtp.wait_for(2, &platform).await;
     let second = MessageParser::default()

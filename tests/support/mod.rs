@@ -72,11 +72,29 @@ fn url_without_database(url: &str) -> String {
     base.to_owned()
 }
 
+/// A port nothing listens on, unique within this test process.
+///
+/// Ports come from a block below the kernel's ephemeral range (which starts
+/// at 32768), chosen by nextest's test slot, so concurrently running tests
+/// (each its own process) and outgoing connections never hand out the same
+/// port twice.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const BLOCK: u16 = 60;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let slot: u16 = std::env::var("NEXTEST_TEST_GLOBAL_SLOT")
+        .ok()
+        .and_then(|slot| slot.parse().ok())
+        .unwrap_or_else(|| u16::try_from(std::process::id() % 150).unwrap_or(0));
+    let base = 20_000 + (slot % 200) * BLOCK;
+    loop {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(offset < BLOCK, "test used more than {BLOCK} ports");
+        let port = base + offset;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The keys `rapport workspace create --output json` prints.
@@ -101,6 +119,8 @@ pub struct Platform {
     children: Vec<(String, Child)>,
     /// How each child was started, to start it again.
     commands: Vec<(String, Vec<String>)>,
+    /// Admin (metrics and probes) port of each process.
+    metrics_ports: BTreeMap<String, u16>,
     log_dir: PathBuf,
     restarts: usize,
 }
@@ -168,6 +188,7 @@ impl Platform {
             extra_env,
             children: Vec::new(),
             commands: Vec::new(),
+            metrics_ports: BTreeMap::new(),
             log_dir,
             restarts: 0,
         }
@@ -193,12 +214,17 @@ impl Platform {
     fn launch(&mut self, label: &str, args: &[&str]) {
         let stdout = std::fs::File::create(self.log_path(label, "out")).expect("log file");
         let stderr = std::fs::File::create(self.log_path(label, "err")).expect("log file");
+        let metrics_port = *self
+            .metrics_ports
+            .entry(label.to_owned())
+            .or_insert_with(free_port);
         let mut command = Command::new(rapport_binary());
         command
             .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env())
+            .env("RAPPORT_PORTS__METRICS", metrics_port.to_string())
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -210,6 +236,14 @@ impl Platform {
     /// Every service in one `rapport serve` process, on the in-process bus.
     pub async fn start_single_process() -> Platform {
         let mut platform = Platform::new(None, Vec::new()).await;
+        platform.spawn("all", &["serve"]);
+        platform.wait_until_serving().await;
+        platform
+    }
+
+    /// Every service in one process on the in-process bus, with extra environment.
+    pub async fn start_in_memory(extra_env: Vec<(String, String)>) -> Platform {
+        let mut platform = Platform::new(None, extra_env).await;
         platform.spawn("all", &["serve"]);
         platform.wait_until_serving().await;
         platform
@@ -272,6 +306,65 @@ impl Platform {
 
     pub fn kafka_brokers(&self) -> String {
         self.brokers.clone().unwrap_or_else(kafka_brokers)
+    }
+
+    /// Base URL of the admin endpoint of the process labelled `label`.
+    pub fn admin_url(&self, label: &str) -> String {
+        format!("http://127.0.0.1:{}", self.metrics_ports[label])
+    }
+
+    /// The operating-system process id of the process labelled `label`.
+    pub fn pid(&self, label: &str) -> u32 {
+        self.children
+            .iter()
+            .find(|(l, _)| l == label)
+            .and_then(|(_, child)| child.id())
+            .expect("running process")
+    }
+
+    /// Waits for the process labelled `label` to exit by itself.
+    pub async fn wait_for_exit(
+        &mut self,
+        label: &str,
+        limit: Duration,
+    ) -> std::process::ExitStatus {
+        let index = self
+            .children
+            .iter()
+            .position(|(l, _)| l == label)
+            .expect("known process");
+        let (_, mut child) = self.children.remove(index);
+        tokio::time::timeout(limit, child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{label} did not exit within {limit:?}"))
+            .expect("wait")
+    }
+
+    /// Stops the process labelled `label` with SIGTERM, waits for it to
+    /// exit, and starts it again.
+    pub async fn stop_and_restart(&mut self, label: &str) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid(label).to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let exit = self.wait_for_exit(label, Duration::from_secs(30)).await;
+        assert!(exit.success(), "{label} stopped cleanly: {exit:?}");
+        self.start_again(label).await;
+    }
+
+    /// Starts the process labelled `label` again with its first arguments.
+    pub async fn start_again(&mut self, label: &str) {
+        let args = self
+            .commands
+            .iter()
+            .find(|(l, _)| l == label)
+            .map(|(_, args)| args.clone())
+            .expect("known command");
+        self.restarts += 1;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.launch(label, &args);
+        self.wait_until_serving().await;
     }
 
     pub fn kafka_namespace(&self) -> &str {
@@ -724,4 +817,66 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// One sample of a Prometheus exposition, as the reference parser read it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Sample {
+    pub family: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Reads `<admin>/metrics` and parses it with the Prometheus reference parser.
+pub async fn scrape(admin_url: &str) -> Vec<Sample> {
+    use tokio::io::AsyncWriteExt;
+    let response = http("GET", &format!("{admin_url}/metrics"), None, b"").await;
+    assert_eq!(response.status, 200);
+    assert!(
+        response
+            .header("content-type")
+            .is_some_and(|value| value.starts_with("text/plain; version=0.0.4")),
+        "{:?}",
+        response.header("content-type")
+    );
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/parse_metrics.py");
+    let python_path =
+        std::env::var("TEST_PYTHONPATH").unwrap_or_else(|_| "/var/tmp/rapport/python".into());
+    let mut parser = Command::new("python3")
+        .arg(script)
+        .env("PYTHONPATH", python_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut stdin = parser.stdin.take().expect("stdin");
+    stdin.write_all(&response.body).await.expect("feed parser");
+    drop(stdin);
+    let output = parser.wait_with_output().await.expect("parser output");
+    assert!(
+        output.status.success(),
+        "/metrics is not valid Prometheus text: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        response.text()
+    );
+    serde_json::from_slice(&output.stdout).expect("parser prints JSON")
+}
+
+/// The value of the sample named `name` whose labels include `labels`
+/// (0 when there is none yet).
+pub fn sample_value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|sample| sample.name == name)
+        .filter(|sample| {
+            labels
+                .iter()
+                .all(|(key, value)| sample.labels.get(*key).map(String::as_str) == Some(*value))
+        })
+        .map(|sample| sample.value)
+        .sum()
 }

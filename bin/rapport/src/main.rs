@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use rapport_config::{Config, ConfigSource, ServiceKind};
 
+mod admin;
 mod serve;
 
 #[derive(Parser)]

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use rapport_bus::SharedBus;
 use rapport_config::{Config, ServiceKind};
-use rapport_grpc::{AuthLayer, BackgroundTask, RunningServer, ServeOptions, ServiceParts};
+use rapport_grpc::{
+    AuthLayer, BackgroundTask, RunningServer, ServeOptions, ServiceParts, StopPhase,
+};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -122,6 +124,8 @@ pub async fn serve(config: Config, services: Vec<ServiceKind>) -> anyhow::Result
 
     let bus = connect_bus(&config, &services)?;
     let tenancy = tenancy_pool(&config).await?;
+    let readiness = Arc::new(crate::admin::Readiness::new(tenancy.clone(), bus.clone()));
+    let admin = crate::admin::start(&config, readiness.clone()).await?;
     let resolver = Arc::new(rapport_tenancy::KeyResolver::new(
         tenancy,
         std::time::Duration::from_millis(config.api_key_cache_ms),
@@ -138,9 +142,10 @@ pub async fn serve(config: Config, services: Vec<ServiceKind>) -> anyhow::Result
 
     let mut servers: Vec<RunningServer> = Vec::new();
     let mut background: Vec<BackgroundTask> = Vec::new();
+    let mut pools: Vec<(ServiceKind, PgPool)> = Vec::new();
     for service in &services {
         let pool = service_pool(&config, *service).await?;
-        let parts = build(*service, pool, bus.clone(), &config)
+        let parts = build(*service, pool.clone(), bus.clone(), &config)
             .await
             .with_context(|| format!("{service}: cannot start"))?;
         let port = config.ports.grpc(*service);
@@ -155,36 +160,56 @@ pub async fn serve(config: Config, services: Vec<ServiceKind>) -> anyhow::Result
         println!("{service} listening on {}", server.local_addr);
         servers.push(server);
         background.extend(parts.background);
+        pools.push((*service, pool));
     }
+    let sampler = crate::admin::spawn_sampler(pools);
+    readiness.set_started();
     tracing::info!(bus = bus.kind(), "all services started");
 
     wait_for_signal().await;
-    tracing::info!("shutting down");
     let grace = config.shutdown_grace();
+    tracing::info!(?grace, "shutting down");
+    // Not ready from now on; keep serving while load balancers notice.
+    readiness.set_draining();
+    for server in &servers {
+        server.set_not_serving().await;
+    }
+    tokio::time::sleep(config.shutdown_drain_delay()).await;
     let drain = async {
-        for server in &servers {
-            server.set_not_serving().await;
-        }
-        // Stop taking work from the bus first, then drain gRPC, then flush.
-        for task in background {
+        let (intake, flush): (Vec<_>, Vec<_>) = background
+            .into_iter()
+            .partition(|task| task.phase == StopPhase::Intake);
+        // 1. Stop taking work: consumers commit what they handled, runners
+        //    finish their step, public HTTP stops accepting.
+        for task in intake {
             let name = task.name;
             task.stop().await;
             tracing::info!(task = name, "stopped");
         }
+        // 2. Drain in-flight gRPC calls.
         shutdown.cancel();
         for server in servers {
             let _ = server.task.await;
+        }
+        // 3. Publish what is left in the outboxes, then flush the producer.
+        for task in flush {
+            let name = task.name;
+            task.stop().await;
+            tracing::info!(task = name, "stopped");
         }
         if let Err(error) = bus.flush(std::time::Duration::from_secs(5)).await {
             tracing::warn!(%error, "bus flush failed");
         }
     };
-    if tokio::time::timeout(grace, drain).await.is_err() {
+    let remaining = grace.saturating_sub(config.shutdown_drain_delay());
+    if tokio::time::timeout(remaining, drain).await.is_err() {
         tracing::warn!(
             ?grace,
             "shutdown grace period elapsed; exiting with work in flight"
         );
     }
+    sampler.abort();
+    admin.stop().await;
     tracing::info!("stopped");
     telemetry.shutdown();
     Ok(())

@@ -11,12 +11,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::try_join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::statistics::Statistics;
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
@@ -92,16 +93,54 @@ impl KafkaBus {
             .key(record.key.as_bytes())
             .payload(record.payload.as_slice())
             .headers(headers);
-        self.producer
+        let result = self
+            .producer
             .send(
                 future_record,
                 Timeout::After(self.settings.delivery_timeout),
             )
             .await
             .map(|_| ())
-            .map_err(|(error, _)| classify(&error))
+            .map_err(|(error, _)| classify(&error));
+        let metrics = rapport_metrics::metrics();
+        match &result {
+            Ok(()) => metrics
+                .bus_produced
+                .with_label_values(&[record.topic.as_str()])
+                .inc(),
+            Err(_) => metrics
+                .bus_produce_errors
+                .with_label_values(&[record.topic.as_str()])
+                .inc(),
+        }
+        result
     }
 }
+
+/// Publishes each partition's consumer lag from librdkafka's statistics.
+struct LagReporter {
+    group: String,
+    namespace: String,
+}
+
+impl ClientContext for LagReporter {
+    fn stats(&self, statistics: Statistics) {
+        let lag = &rapport_metrics::metrics().consumer_lag;
+        for (topic, stats) in &statistics.topics {
+            let topic = topic.strip_prefix(self.namespace.as_str()).unwrap_or(topic);
+            for (partition, stats) in &stats.partitions {
+                // -1 is librdkafka's internal "unassigned" partition.
+                if *partition < 0 || stats.consumer_lag < 0 {
+                    continue;
+                }
+                lag.with_label_values(&[topic, &partition.to_string(), self.group.as_str()])
+                    .set(stats.consumer_lag);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for LagReporter {}
 
 fn classify(error: &KafkaError) -> BusError {
     match error.rdkafka_error_code() {
@@ -137,7 +176,7 @@ impl EventBus for KafkaBus {
             return Err(BusError::Invalid("subscription names no topic".into()));
         }
         let group_id = self.broker_name(&subscription.group);
-        let consumer: StreamConsumer = ClientConfig::new()
+        let consumer: StreamConsumer<LagReporter> = ClientConfig::new()
             .set("bootstrap.servers", &self.settings.brokers)
             .set("group.id", &group_id)
             .set(
@@ -149,9 +188,16 @@ impl EventBus for KafkaBus {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("session.timeout.ms", "10000")
+            // Also the rebalance timeout: how long a rebalance waits for a
+            // member that stopped without leaving (a crash) to rejoin.
+            .set("max.poll.interval.ms", "30000")
             .set("heartbeat.interval.ms", "1000")
             .set("topic.metadata.refresh.interval.ms", "5000")
-            .create()
+            .set("statistics.interval.ms", "5000")
+            .create_with_context(LagReporter {
+                group: subscription.group.clone(),
+                namespace: self.settings.namespace.clone(),
+            })
             .map_err(|error| BusError::Invalid(format!("kafka consumer: {error}")))?;
         let broker_topics: Vec<String> = subscription
             .topics

@@ -139,6 +139,10 @@ impl EventBus for MemoryBus {
             return Err(BusError::Invalid("topic name is empty".into()));
         }
         crate::trace::inject_current(&mut record);
+        rapport_metrics::metrics()
+            .bus_produced
+            .with_label_values(&[record.topic.as_str()])
+            .inc();
         self.append(record);
         Ok(())
     }

@@ -43,7 +43,10 @@ pub(crate) async fn handle_with_retries(
         delivery.attempt = attempt;
         let result = handler.handle(&delivery).instrument(span.clone()).await;
         let reason = match result {
-            Ok(()) => return Outcome::Handled,
+            Ok(()) => {
+                consumed(&delivery.record.topic, &subscription.group, "handled");
+                return Outcome::Handled;
+            }
             Err(HandlerError::Permanent(reason)) => {
                 tracing::warn!(parent: &span, %reason, attempt, "record cannot be handled; dead-lettering");
                 reason
@@ -54,6 +57,13 @@ pub(crate) async fn handle_with_retries(
             }
             Err(HandlerError::Retryable(reason)) => {
                 tracing::info!(parent: &span, %reason, attempt, "record failed; retrying");
+                rapport_metrics::metrics()
+                    .bus_retries
+                    .with_label_values(&[
+                        delivery.record.topic.as_str(),
+                        subscription.group.as_str(),
+                    ])
+                    .inc();
                 tokio::select! {
                     _ = cancel.cancelled() => return Outcome::Interrupted,
                     _ = tokio::time::sleep(backoff) => {}
@@ -71,6 +81,14 @@ pub(crate) async fn handle_with_retries(
         dead.set_header(headers::DLQ_SOURCE_OFFSET, offset.to_string());
         dead.set_header(headers::DLQ_GROUP, subscription.group.clone());
         dead.set_header(headers::DLQ_ATTEMPTS, attempt.to_string());
+        consumed(&delivery.record.topic, &subscription.group, "dead_lettered");
         return Outcome::DeadLetter(dead);
     }
+}
+
+fn consumed(topic: &str, group: &str, outcome: &str) {
+    rapport_metrics::metrics()
+        .bus_consumed
+        .with_label_values(&[topic, group, outcome])
+        .inc();
 }

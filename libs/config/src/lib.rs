@@ -107,6 +107,8 @@ pub struct Ports {
     pub reporting: u16,
     /// Ingestion's public HTTP endpoint (tracking, forms, pixel, redirects).
     pub ingestion_http: u16,
+    /// Prometheus metrics and the /livez and /readyz probes (one per process).
+    pub metrics: u16,
 }
 
 impl Default for Ports {
@@ -119,6 +121,7 @@ impl Default for Ports {
             messaging: 50055,
             reporting: 50056,
             ingestion_http: 8080,
+            metrics: 9464,
         }
     }
 }
@@ -201,6 +204,9 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// How long a process waits for in-flight work on shutdown, in milliseconds.
     pub shutdown_grace_ms: u64,
+    /// On shutdown, how long a process keeps serving after it reports not
+    /// ready, so load balancers stop routing to it first, in milliseconds.
+    pub shutdown_drain_delay_ms: u64,
     pub log_format: LogFormat,
     /// A tracing-subscriber filter, e.g. `info,rapport_bus=debug`.
     pub log_level: String,
@@ -262,6 +268,7 @@ impl std::fmt::Debug for Config {
             .field("ports", &self.ports)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
+            .field("shutdown_drain_delay_ms", &self.shutdown_drain_delay_ms)
             .field("log_format", &self.log_format)
             .field("log_level", &self.log_level)
             .field("otlp_endpoint", &self.otlp_endpoint)
@@ -286,6 +293,7 @@ impl Default for Config {
             ports: Ports::default(),
             request_timeout_ms: 30_000,
             shutdown_grace_ms: 20_000,
+            shutdown_drain_delay_ms: 0,
             log_format: LogFormat::Json,
             log_level: "info".to_owned(),
             otlp_endpoint: None,
@@ -390,6 +398,10 @@ impl Config {
         Duration::from_millis(self.shutdown_grace_ms)
     }
 
+    pub fn shutdown_drain_delay(&self) -> Duration {
+        Duration::from_millis(self.shutdown_drain_delay_ms)
+    }
+
     pub fn database_url(&self) -> &str {
         self.database_url.expose()
     }
@@ -455,6 +467,7 @@ impl Config {
         let mut seen = HashSet::new();
         let mut ports: Vec<u16> = ServiceKind::ALL.map(|s| self.ports.grpc(s)).to_vec();
         ports.push(self.ports.ingestion_http);
+        ports.push(self.ports.metrics);
         for port in ports.into_iter().filter(|port| *port != 0) {
             if !seen.insert(port) {
                 return Err(ConfigError::Invalid {
@@ -467,6 +480,12 @@ impl Config {
             key: "public_url",
             reason: format!("not a URL ({error})"),
         })?;
+        if self.shutdown_drain_delay_ms >= self.shutdown_grace_ms {
+            return Err(ConfigError::Invalid {
+                key: "shutdown_drain_delay_ms",
+                reason: "must be shorter than shutdown_grace_ms".into(),
+            });
+        }
         if self.automation_poll_ms == 0 {
             return Err(ConfigError::Invalid {
                 key: "automation_poll_ms",

@@ -20,6 +20,7 @@ use tonic_health::server::HealthReporter;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub mod auth;
+pub mod metrics;
 
 pub use auth::{AuthLayer, workspace_of};
 
@@ -79,7 +80,12 @@ pub async fn serve(
     let router = Server::builder()
         .timeout(options.request_timeout)
         .trace_fn(request_span)
-        .layer(options.auth.clone())
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(metrics::MetricsLayer)
+                .layer(options.auth.clone())
+                .into_inner(),
+        )
         .add_routes(service.routes)
         .add_service(health_service)
         .add_service(reflection);
@@ -138,10 +144,21 @@ pub async fn bind(host: &str, port: u16) -> std::io::Result<TcpListener> {
     TcpListener::bind((host, port)).await
 }
 
+/// When a background task stops during shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopPhase {
+    /// Takes in work (consumers, runners, public HTTP): stopped first.
+    Intake,
+    /// Pushes out what was done (outbox relays): stopped after the gRPC
+    /// servers drained, so their last writes are published too.
+    Flush,
+}
+
 /// Work a service runs beside its gRPC server (consumers, relays, timers),
 /// stopped in order on shutdown.
 pub struct BackgroundTask {
     pub name: &'static str,
+    pub phase: StopPhase,
     stop:
         Box<dyn FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send>,
 }
@@ -154,7 +171,20 @@ impl BackgroundTask {
     {
         BackgroundTask {
             name,
+            phase: StopPhase::Intake,
             stop: Box::new(move || Box::pin(stop())),
+        }
+    }
+
+    /// A task stopped in the [`StopPhase::Flush`] phase.
+    pub fn flush<F, Fut>(name: &'static str, stop: F) -> Self
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        BackgroundTask {
+            phase: StopPhase::Flush,
+            ..BackgroundTask::new(name, stop)
         }
     }
 

@@ -94,7 +94,7 @@ pub async fn build(
                 runner_cancel.cancel();
                 let _ = runner_task.await;
             }),
-            BackgroundTask::new("automation outbox relay", move || relay.shutdown()),
+            BackgroundTask::flush("automation outbox relay", move || relay.shutdown()),
         ],
     })
 }

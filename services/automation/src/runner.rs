@@ -238,6 +238,20 @@ impl Runner {
         let result = self
             .execute(&run, &step.step_id, step.action.as_ref())
             .await;
+        let action = match &step.action {
+            Some(Action::SendMessage(_)) => "send_message",
+            Some(Action::Wait(_)) => "wait",
+            None => "none",
+        };
+        let outcome = match &result {
+            StepResult::Advance(_) => "completed",
+            StepResult::Retry(..) => "retried",
+            StepResult::Fail(_) => "failed",
+        };
+        rapport_metrics::metrics()
+            .journey_steps
+            .with_label_values(&[action, outcome])
+            .inc();
         match result {
             StepResult::Advance(next_due) => {
                 sqlx::query(

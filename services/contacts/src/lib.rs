@@ -49,7 +49,7 @@ pub async fn build(
         },
         background: vec![
             BackgroundTask::new("contacts event consumer", move || consumer.shutdown()),
-            BackgroundTask::new("contacts outbox relay", move || relay.shutdown()),
+            BackgroundTask::flush("contacts outbox relay", move || relay.shutdown()),
         ],
     })
 }

@@ -49,6 +49,10 @@ impl Intake {
         .rows_affected()
             == 1;
         if !first_time {
+            rapport_metrics::metrics()
+                .events_ingested
+                .with_label_values(&["duplicate"])
+                .inc();
             return Ok(Accepted {
                 message_id: event.message_id,
                 duplicate: true,
@@ -65,6 +69,11 @@ impl Intake {
             .cloned()
             .unwrap_or_else(|| event.message_id.clone());
         let message_id = event.message_id.clone();
+        let kind = event
+            .kind()
+            .as_str_name()
+            .trim_start_matches("KIND_")
+            .to_ascii_lowercase();
         let envelope = envelope::new_envelope(
             &workspace.to_string(),
             "ingestion",
@@ -77,6 +86,10 @@ impl Intake {
             return Err(ApiError::unavailable("event log unavailable; retry"));
         }
         transaction.commit().await.map_err(map_db_error)?;
+        rapport_metrics::metrics()
+            .events_ingested
+            .with_label_values(&[kind.as_str()])
+            .inc();
         Ok(Accepted {
             message_id,
             duplicate: false,

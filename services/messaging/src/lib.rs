@@ -72,7 +72,7 @@ pub async fn build(
         },
         background: vec![
             BackgroundTask::new("messaging feedback consumer", move || consumer.shutdown()),
-            BackgroundTask::new("messaging outbox relay", move || relay.shutdown()),
+            BackgroundTask::flush("messaging outbox relay", move || relay.shutdown()),
         ],
     })
 }

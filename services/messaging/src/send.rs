@@ -118,6 +118,7 @@ impl Sender {
         .await
         .map_err(map_db_error)?;
         if let Some((message_id, status)) = previous {
+            record_outcome("duplicate");
             return Ok(SendMessageResponse {
                 message_id: message_id.to_string(),
                 status: if status == "sent" {
@@ -184,7 +185,8 @@ impl Sender {
                     text,
                     unsubscribe_url,
                 })
-                .await?;
+                .await
+                .inspect_err(|_| record_outcome("failed"))?;
             SendStatus::Sent
         };
 
@@ -234,10 +236,22 @@ impl Sender {
         .map_err(map_db_error)?;
         transaction.commit().await.map_err(map_db_error)?;
         self.waker.wake();
+        record_outcome(if status == SendStatus::Sent {
+            "sent"
+        } else {
+            "suppressed"
+        });
         Ok(SendMessageResponse {
             message_id: message_id.to_string(),
             status: status.into(),
             duplicate: false,
         })
     }
+}
+
+fn record_outcome(outcome: &str) {
+    rapport_metrics::metrics()
+        .messages
+        .with_label_values(&["email", outcome])
+        .inc();
 }

@@ -64,7 +64,7 @@ pub async fn build(
         },
         background: vec![
             BackgroundTask::new("segmentation contact consumer", move || consumer.shutdown()),
-            BackgroundTask::new("segmentation outbox relay", move || relay.shutdown()),
+            BackgroundTask::flush("segmentation outbox relay", move || relay.shutdown()),
         ],
     })
 }

@@ -105,6 +105,14 @@ async fn reconcile(
             == 1
     };
     if changed {
+        rapport_metrics::metrics()
+            .membership_changes
+            .with_label_values(&[if should_be_member {
+                "entered"
+            } else {
+                "exited"
+            }])
+            .inc();
         let event = MembershipChanged {
             segment_id: segment_id.to_string(),
             contact_id: contact_id.to_owned(),
