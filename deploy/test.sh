@@ -31,5 +31,5 @@ done
 
 echo "== tests"
 export TEST_DATABASE_URL=${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
-export TEST_KAFKA_BROKERS=${TEST_KAFKA_BROKERS:-127.0.0.1:9092}
+export TEST_KAFKA_BROKERS=${TEST_KAFKA_BROKERS:-$KAFKA_HOST:$KAFKA_PORT}
 cargo nextest run --workspace --profile ci "$@"

@@ -14,7 +14,7 @@ cargo build --bin rapport
 rapport="$CARGO_TARGET_DIR/debug/rapport"
 
 export RAPPORT_DATABASE_URL=${RAPPORT_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/rapport}
-export RAPPORT_KAFKA_BROKERS=${RAPPORT_KAFKA_BROKERS:-127.0.0.1:9092}
+export RAPPORT_KAFKA_BROKERS=${RAPPORT_KAFKA_BROKERS:-$KAFKA_HOST:$KAFKA_PORT}
 export RAPPORT_LOG_FORMAT=${RAPPORT_LOG_FORMAT:-pretty}
 
 "$rapport" topics create >/dev/null

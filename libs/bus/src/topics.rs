@@ -32,7 +32,8 @@ pub const SALES_HANDOFFS: &str = "rapport.automation.handoffs.v1";
 pub const MESSAGE_LIFECYCLE: &str = "rapport.messaging.lifecycle.v1";
 pub const CRM_INBOUND: &str = "rapport.crm.inbound.v1";
 
-/// One row of the topic catalogue.
+/// One row of the topic catalogue. `consumers` are the consumers wired
+/// today; ARCHITECTURE.md says which others are planned.
 #[derive(Debug, Clone, Copy)]
 pub struct TopicInfo {
     pub name: &'static str,
@@ -60,14 +61,14 @@ pub const CATALOGUE: [TopicInfo; 7] = [
         name: INGESTED_EVENTS,
         payload: "IngestedEvent",
         producer: "ingestion",
-        consumers: &["contacts", "segmentation", "automation", "reporting"],
+        consumers: &["contacts", "messaging"],
         retention_days: 7,
     },
     TopicInfo {
         name: MEMBERSHIPS,
         payload: "MembershipChanged",
         producer: "segmentation",
-        consumers: &["automation", "reporting"],
+        consumers: &["automation"],
         retention_days: 7,
     },
     TopicInfo {
@@ -88,7 +89,7 @@ pub const CATALOGUE: [TopicInfo; 7] = [
         name: MESSAGE_LIFECYCLE,
         payload: "MessageEvent",
         producer: "messaging",
-        consumers: &["contacts", "automation", "reporting"],
+        consumers: &["reporting"],
         retention_days: 7,
     },
     TopicInfo {

@@ -372,7 +372,7 @@ impl Config {
             })
             .collect();
         for (key, value) in env_pairs {
-            figment = figment.merge(Serialized::global(&key, env_value(&value)));
+            figment = figment.merge(Serialized::global(&key, env_value(&key, &value)));
         }
         let config: Config = figment
             .extract()
@@ -502,18 +502,31 @@ impl Config {
     }
 }
 
-/// Environment values are strings; numbers and booleans are passed typed so
-/// that `RAPPORT_PORTS__CONTACTS=6000` fills a `u16`.
-fn env_value(raw: &str) -> figment::value::Value {
+/// Keys whose values are numbers; every other key takes its environment
+/// value as text (so an all-digit secret or namespace stays a string).
+fn is_numeric_key(key: &str) -> bool {
+    key.starts_with("ports.")
+        || key.ends_with("_ms")
+        || matches!(
+            key,
+            "database_max_connections"
+                | "kafka.max_delivery_attempts"
+                | "kafka.partitions"
+                | "kafka.replication_factor"
+                | "smtp.port"
+        )
+}
+
+/// An environment value typed for `key`. A number that does not parse is
+/// passed as text, and extraction reports it with the key.
+fn env_value(key: &str, raw: &str) -> figment::value::Value {
     use figment::value::Value;
-    if let Ok(number) = raw.parse::<u64>() {
-        return Value::from(number);
+    if is_numeric_key(key) {
+        if let Ok(number) = raw.trim().parse::<u64>() {
+            return Value::from(number);
+        }
     }
-    match raw {
-        "true" => Value::from(true),
-        "false" => Value::from(false),
-        _ => Value::from(raw.to_owned()),
-    }
+    Value::from(raw.to_owned())
 }
 
 #[cfg(test)]
@@ -576,6 +589,21 @@ mod tests {
         let error = Config::load(&source(&[("RAPPORT_NO_SUCH_KEY", "1")]))
             .expect_err("unknown key refused");
         assert!(error.to_string().contains("no_such_key"), "{error}");
+    }
+
+    #[test]
+    fn all_digit_strings_stay_strings() {
+        let config = Config::load(&source(&[
+            ("RAPPORT_INTERNAL_SECRET", "12345"),
+            ("RAPPORT_KAFKA__NAMESPACE", "007"),
+            ("RAPPORT_PORTS__CONTACTS", "7001"),
+            ("RAPPORT_KAFKA__MAX_DELIVERY_ATTEMPTS", "3"),
+        ]))
+        .expect("config loads");
+        assert_eq!(config.internal_secret(), "12345");
+        assert_eq!(config.kafka.namespace, "007");
+        assert_eq!(config.ports.contacts, 7001);
+        assert_eq!(config.kafka.max_delivery_attempts, 3);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The automation service: journey definitions and, as later work adds the
-//! runner, journey runs and their timers.
+//! The automation service: journey definitions, enrolment of contacts that
+//! enter a journey's segment, and the runner that executes due steps.
 //!
 //! Owns the `automation` Postgres schema.
 

@@ -81,17 +81,51 @@ impl Handler for IngestedEventHandler {
             company: text(&traits, &["company"]),
             lifecycle_stage: String::new(),
             tags: Vec::new(),
-            attributes: serde_json::Value::Object(Default::default()),
+            attributes: custom_traits(&traits),
             source: utm_source.unwrap_or_else(|| default_source.to_owned()),
         };
         match self.store.upsert(workspace, None, input).await {
             Ok(_) => Ok(()),
+            // ALREADY_EXISTS: another writer created the same email a moment
+            // ago; the retry finds it and updates it instead.
             Err(error)
-                if error.code.is_retryable() || error.code == rapport_core::ErrorCode::Internal =>
+                if error.code.is_retryable()
+                    || matches!(
+                        error.code,
+                        rapport_core::ErrorCode::Internal | rapport_core::ErrorCode::AlreadyExists
+                    ) =>
             {
                 Err(HandlerError::Retryable(error.message))
             }
             Err(error) => Err(HandlerError::Permanent(error.message)),
         }
     }
+}
+
+/// Standard contact fields, which traits fill directly; other traits become
+/// custom attributes.
+const STANDARD_TRAITS: [&str; 9] = [
+    "email",
+    "phone",
+    "first_name",
+    "firstName",
+    "last_name",
+    "lastName",
+    "company",
+    "name",
+    "id",
+];
+
+fn custom_traits(traits: &serde_json::Value) -> serde_json::Value {
+    let custom = traits
+        .as_object()
+        .map(|object| {
+            object
+                .iter()
+                .filter(|(key, value)| !STANDARD_TRAITS.contains(&key.as_str()) && !value.is_null())
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    serde_json::Value::Object(custom)
 }

@@ -6,7 +6,8 @@
 //! publish rolls the mark back so the client's retry goes through. Nothing
 //! acknowledged is lost; if the process dies between the bus's
 //! acknowledgement and the commit, a retry publishes the event again with the
-//! same message id, which consumers treat as the same event.
+//! same message id (and a new envelope event id); consumers that count
+//! ingested events deduplicate on the message id.
 
 use chrono::Utc;
 use rapport_bus::{SharedBus, envelope, topics};

@@ -33,6 +33,32 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 const MAX_ID_LENGTH: usize = 255;
 
+/// How long a message id is remembered: a repeat within this window is
+/// acknowledged and dropped.
+pub const DEDUPE_WINDOW_HOURS: i32 = 7 * 24;
+
+/// Forgets message ids older than the dedupe window, every ten minutes.
+fn spawn_dedupe_pruner(pool: PgPool) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let pruned = sqlx::query(
+                "DELETE FROM seen_messages WHERE received_at < now() - make_interval(hours => $1)",
+            )
+            .bind(DEDUPE_WINDOW_HOURS)
+            .execute(&pool)
+            .await;
+            match pruned {
+                Ok(result) if result.rows_affected() > 0 => {
+                    tracing::info!(pruned = result.rows_affected(), "dedupe window pruned")
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "dedupe pruning failed"),
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+        }
+    })
+}
+
 pub async fn build(
     pool: PgPool,
     bus: SharedBus,
@@ -73,6 +99,7 @@ pub async fn build(
             tracing::error!(%error, "ingestion HTTP server failed");
         }
     });
+    let pruner = spawn_dedupe_pruner(pool.clone());
     Ok(ServiceParts {
         grpc: GrpcService {
             name: rapport_proto::service_names::INGESTION,
@@ -82,13 +109,15 @@ pub async fn build(
                 public_url: config.public_url.clone(),
             })),
         },
-        background: vec![BackgroundTask::new(
-            "ingestion HTTP server",
-            move || async move {
+        background: vec![
+            BackgroundTask::new("ingestion HTTP server", move || async move {
                 cancel.cancel();
                 let _ = server.await;
-            },
-        )],
+            }),
+            BackgroundTask::new("ingestion dedupe pruner", move || async move {
+                pruner.abort();
+            }),
+        ],
     })
 }
 

@@ -1,6 +1,7 @@
 //! Turns what recipients did (opens, clicks, unsubscribes, as ingestion
 //! recorded them) into message lifecycle events, and unsubscribes into
-//! suppressions. Each ingestion event is handled once (`processed_events`).
+//! suppressions. Each ingestion event is handled once (`processed_events`,
+//! keyed by the ingestion message id).
 
 use async_trait::async_trait;
 use rapport_bus::{Delivery, Handler, HandlerError, envelope, topics};
@@ -60,7 +61,9 @@ impl Handler for FeedbackHandler {
             "INSERT INTO processed_events (workspace_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         )
         .bind(workspace)
-        .bind(&incoming.event_id)
+        // The ingestion message id: a republished event has a new envelope
+        // event id but the same message id.
+        .bind(if event.message_id.is_empty() { &incoming.event_id } else { &event.message_id })
         .execute(&mut *transaction)
         .await
         .map_err(retryable)?

@@ -1,5 +1,7 @@
-//! The messaging service: templates and, as later work adds delivery, sends
-//! over SMTP and SMS with suppressions and frequency caps.
+//! The messaging service: templates, idempotent email sends over SMTP with
+//! tracking and one-click unsubscribe, suppressions, and message lifecycle
+//! events from opens, clicks and unsubscribes. SMS and frequency caps are
+//! later work.
 //!
 //! Owns the `messaging` Postgres schema.
 

@@ -2,8 +2,9 @@
 //! skipped, rendered with Liquid, tracked, delivered over SMTP, and recorded
 //! with its `sent` event in one transaction.
 //!
-//! The send row is locked while the mail server is talked to, so two calls
-//! with one key never both deliver. If the process dies after the mail server
+//! A transaction-scoped advisory lock on (workspace, idempotency key) is held
+//! while the mail server is talked to, so two calls with one key never both
+//! deliver. If the process dies after the mail server
 //! accepted the message but before the commit, a retry delivers it again:
 //! that window is the time of one SMTP acknowledgement.
 

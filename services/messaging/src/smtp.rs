@@ -109,7 +109,7 @@ impl Mailer {
             .map(|_| ())
             .map_err(|error| {
                 tracing::warn!(%error, "SMTP delivery failed");
-                ApiError::unavailable(format!("mail server refused or unreachable: {error}"))
+                ApiError::unavailable("mail server refused the message or is unreachable; retry")
             })
     }
 }

@@ -1,5 +1,5 @@
-//! The segmentation service: segment definitions and, as later work adds the
-//! evaluator, memberships that change as events arrive.
+//! The segmentation service: segment definitions, and memberships that change
+//! as contact changes arrive.
 //!
 //! Owns the `segmentation` Postgres schema.
 
@@ -182,12 +182,15 @@ impl SegmentationService for SegmentationApi {
             .create(workspace, &name, &stored.encode_to_vec())
             .await?;
         // Contacts already known enter the new segment now.
-        let entered = self
-            .engine
-            .backfill(workspace.0, row.id, &stored)
-            .await
-            .map_err(rapport_db::map_db_error)?;
-        tracing::info!(segment_id = %row.id, entered, "segment created");
+        // The segment exists from here on; a failed backfill leaves known
+        // contacts out until their next change, which is logged, not an
+        // error for the caller.
+        match self.engine.backfill(workspace.0, row.id, &stored).await {
+            Ok(entered) => tracing::info!(segment_id = %row.id, entered, "segment created"),
+            Err(error) => {
+                tracing::warn!(segment_id = %row.id, %error, "segment created; backfill failed")
+            }
+        }
         Ok(Response::new(CreateSegmentResponse {
             segment: Some(to_proto(&row)?),
         }))
