@@ -79,7 +79,20 @@ impl KafkaBus {
             .map_err(|error| BusError::Invalid(format!("kafka admin client: {error}")))
     }
 
-    async fn send(&self, mut record: Record) -> Result<(), BusError> {
+    async fn send(&self, record: Record) -> Result<(), BusError> {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "publish",
+            otel.kind = "producer",
+            otel.name = format!("publish {}", record.topic),
+            messaging.system = "kafka",
+            messaging.operation.type = "publish",
+            messaging.destination.name = %record.topic,
+        );
+        self.send_in_span(record).instrument(span).await
+    }
+
+    async fn send_in_span(&self, mut record: Record) -> Result<(), BusError> {
         crate::trace::inject_current(&mut record);
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {

@@ -58,6 +58,7 @@ pub fn internal_request<T>(
     if let Ok(value) = workspace.to_string().parse() {
         request.metadata_mut().insert(WORKSPACE_HEADER, value);
     }
+    crate::inject_trace_context(request.metadata_mut());
     request
 }
 

@@ -106,6 +106,45 @@ pub async fn serve(
     })
 }
 
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl opentelemetry::propagation::Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value.as_str()),
+        ) {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+/// Adds the current span's W3C trace context to outgoing gRPC metadata.
+pub fn inject_trace_context(metadata: &mut tonic::metadata::MetadataMap) {
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut MetadataInjector(metadata));
+    });
+}
+
+/// The current span's trace context as a `traceparent` value ("" when
+/// there is none), for work that continues later (a timer, a stored run).
+pub fn current_traceparent() -> String {
+    let mut carrier = std::collections::HashMap::new();
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut carrier);
+    });
+    carrier.remove("traceparent").unwrap_or_default()
+}
+
+/// A parent context from a stored `traceparent`.
+pub fn context_from_traceparent(traceparent: &str) -> opentelemetry::Context {
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&carrier))
+}
+
 struct MetadataExtractor<'a>(&'a http::HeaderMap);
 
 impl Extractor for MetadataExtractor<'_> {
@@ -116,6 +155,13 @@ impl Extractor for MetadataExtractor<'_> {
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(http::HeaderName::as_str).collect()
     }
+}
+
+/// The caller's trace context from HTTP or gRPC headers.
+pub fn context_from_headers(headers: &http::HeaderMap) -> opentelemetry::Context {
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&MetadataExtractor(headers))
+    })
 }
 
 /// A server span per call, child of the caller's trace when it sent one.

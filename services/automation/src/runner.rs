@@ -35,6 +35,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 /// Attempts at one step before the run fails.
@@ -111,8 +113,8 @@ impl Handler for EnrolmentHandler {
             }
             let run_id = rapport_core::ids::new_id();
             let inserted = sqlx::query(
-                "INSERT INTO runs (run_id, workspace_id, journey_id, journey_version, definition, contact_id, due_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, now())
+                "INSERT INTO runs (run_id, workspace_id, journey_id, journey_version, definition, contact_id, due_at, trace_parent)
+                 VALUES ($1, $2, $3, $4, $5, $6, now(), $7)
                  ON CONFLICT (workspace_id, journey_id, contact_id) DO NOTHING",
             )
             .bind(run_id)
@@ -121,6 +123,7 @@ impl Handler for EnrolmentHandler {
             .bind(journey.version)
             .bind(&definition)
             .bind(&change.contact_id)
+            .bind(rapport_grpc::current_traceparent())
             .execute(&mut *transaction)
             .await
             .map_err(retryable)?
@@ -162,6 +165,7 @@ struct DueRun {
     contact_id: String,
     step_index: i32,
     attempts: i32,
+    trace_parent: String,
 }
 
 enum StepResult {
@@ -200,7 +204,7 @@ impl Runner {
     async fn run_one_due(&self) -> Result<bool, sqlx::Error> {
         let mut transaction = self.pool.begin().await?;
         let Some(run) = sqlx::query_as::<_, DueRun>(
-            "SELECT run_id, workspace_id, journey_id, journey_version, definition, contact_id, step_index, attempts
+            "SELECT run_id, workspace_id, journey_id, journey_version, definition, contact_id, step_index, attempts, trace_parent
              FROM runs WHERE status = 'active' AND due_at <= now()
              ORDER BY due_at LIMIT 1 FOR UPDATE SKIP LOCKED",
         )
@@ -209,6 +213,25 @@ impl Runner {
         else {
             return Ok(false);
         };
+        let span = tracing::info_span!(
+            "journey step",
+            otel.kind = "internal",
+            run_id = %run.run_id,
+            journey_id = %run.journey_id,
+            step_index = run.step_index,
+        );
+        if !run.trace_parent.is_empty() {
+            let _ = span.set_parent(rapport_grpc::context_from_traceparent(&run.trace_parent));
+        }
+        self.continue_run(transaction, run).instrument(span).await
+    }
+
+    /// Executes the due step of `run`, whose row `transaction` holds locked.
+    async fn continue_run(
+        &self,
+        mut transaction: Transaction<'_, Postgres>,
+        run: DueRun,
+    ) -> Result<bool, sqlx::Error> {
         let journey = Journey::decode(run.definition.as_slice()).unwrap_or_default();
         let index = usize::try_from(run.step_index).unwrap_or(usize::MAX);
         let event = |status: StepStatus, step_id: &str, detail: String| JourneyStepEvent {

@@ -32,6 +32,30 @@ pub struct HttpState {
     pub public_url: String,
 }
 
+/// A server span per request, child of the caller's trace when it sent one.
+async fn trace_request(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "http",
+        otel.kind = "server",
+        otel.name = format!("{method} {route}"),
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let _ = span.set_parent(rapport_grpc::context_from_headers(request.headers()));
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
@@ -40,6 +64,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/o/{token}", get(open_pixel))
         .route("/c/{token}", get(click))
         .route("/u/{token}", get(unsubscribe_page).post(unsubscribe))
+        .route_layer(axum::middleware::from_fn(trace_request))
         .with_state(state)
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
 }
