@@ -1,7 +1,7 @@
 //! One trace follows a form submission across services and Kafka hops: the
 //! spans of every process are exported over OTLP to a receiver this test
 //! runs, and one trace must hold spans of at least three services, with a
-//! producer and a consumer span (the Kafka hop).
+//! producer and a consumer span (the Kafka hop) and a database span.
 
 mod support;
 
@@ -153,7 +153,13 @@ async fn a_form_submission_is_one_trace_across_services_and_kafka() {
                 let kafka_hop = kinds.contains(&(SpanKind::Producer as i32))
                     && kinds.contains(&(SpanKind::Consumer as i32));
                 let starts_at_the_form = names.iter().any(|name| name.starts_with("POST /f/"));
-                (crosses && kafka_hop && starts_at_the_form).then_some((services, kinds))
+                let database = spans.iter().any(|s| {
+                    s.service == "rapport-contacts"
+                        && s.name == "UPSERT contacts"
+                        && s.kind == SpanKind::Client as i32
+                });
+                (crosses && kafka_hop && starts_at_the_form && database)
+                    .then_some((services, kinds))
             })
         }
     })

@@ -43,6 +43,17 @@ impl Definitions {
         &self.pool
     }
 
+    #[tracing::instrument(
+        name = "db",
+        skip_all,
+        fields(
+            otel.kind = "client",
+            otel.name = format!("INSERT {}", self.table),
+            db.system.name = "postgresql",
+            db.operation.name = "INSERT",
+            db.collection.name = %self.table,
+        )
+    )]
     pub async fn create(
         &self,
         workspace: WorkspaceId,
@@ -72,6 +83,17 @@ impl Definitions {
         }
     }
 
+    #[tracing::instrument(
+        name = "db",
+        skip_all,
+        fields(
+            otel.kind = "client",
+            otel.name = format!("SELECT {}", self.table),
+            db.system.name = "postgresql",
+            db.operation.name = "SELECT",
+            db.collection.name = %self.table,
+        )
+    )]
     pub async fn get(&self, workspace: WorkspaceId, id: Uuid) -> Result<DefinitionRow, ApiError> {
         sqlx::query_as::<_, DefinitionRow>(sqlx::AssertSqlSafe(format!(
             "SELECT id, name, definition, created_at, updated_at FROM {} WHERE workspace_id = $1 AND id = $2",
@@ -85,6 +107,17 @@ impl Definitions {
         .ok_or_else(|| ApiError::not_found(format!("{} {id}", self.noun)))
     }
 
+    #[tracing::instrument(
+        name = "db",
+        skip_all,
+        fields(
+            otel.kind = "client",
+            otel.name = format!("SELECT {}", self.table),
+            db.system.name = "postgresql",
+            db.operation.name = "SELECT",
+            db.collection.name = %self.table,
+        )
+    )]
     pub async fn get_by_name(
         &self,
         workspace: WorkspaceId,
@@ -102,6 +135,17 @@ impl Definitions {
     }
 
     /// Newest first, after the cursor `after` (an id from a previous page).
+    #[tracing::instrument(
+        name = "db",
+        skip_all,
+        fields(
+            otel.kind = "client",
+            otel.name = format!("SELECT {}", self.table),
+            db.system.name = "postgresql",
+            db.operation.name = "SELECT",
+            db.collection.name = %self.table,
+        )
+    )]
     pub async fn list(
         &self,
         workspace: WorkspaceId,

@@ -138,6 +138,17 @@ enum RelayError {
 }
 
 /// Publishes one batch; returns how many rows it published.
+#[tracing::instrument(
+    name = "db",
+    level = "debug",
+    skip_all,
+    fields(
+        otel.kind = "client",
+        otel.name = "relay outbox",
+        db.system.name = "postgresql",
+        db.collection.name = "outbox",
+    )
+)]
 async fn relay_once(
     pool: &PgPool,
     bus: &dyn rapport_bus::EventBus,

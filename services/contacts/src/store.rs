@@ -157,6 +157,17 @@ impl Store {
         Store { pool, waker }
     }
 
+    #[tracing::instrument(
+        name = "db",
+        skip_all,
+        fields(
+            otel.kind = "client",
+            otel.name = "SELECT contacts",
+            db.system.name = "postgresql",
+            db.operation.name = "SELECT",
+            db.collection.name = "contacts",
+        )
+    )]
     pub async fn get(
         &self,
         workspace: WorkspaceId,
@@ -173,6 +184,17 @@ impl Store {
         .ok_or_else(|| ApiError::not_found(format!("contact {contact_id}")))
     }
 
+    #[tracing::instrument(
+        name = "db",
+        skip_all,
+        fields(
+            otel.kind = "client",
+            otel.name = "SELECT contacts",
+            db.system.name = "postgresql",
+            db.operation.name = "SELECT",
+            db.collection.name = "contacts",
+        )
+    )]
     pub async fn list(
         &self,
         workspace: WorkspaceId,
@@ -198,6 +220,17 @@ impl Store {
 
     /// Creates or updates the contact with `input.email`, writing its event in
     /// the same transaction. A repeated `request_id` returns the first outcome.
+    #[tracing::instrument(
+        name = "db",
+        skip_all,
+        fields(
+            otel.kind = "client",
+            otel.name = "UPSERT contacts",
+            db.system.name = "postgresql",
+            db.operation.name = "UPSERT",
+            db.collection.name = "contacts",
+        )
+    )]
     pub async fn upsert(
         &self,
         workspace: WorkspaceId,
