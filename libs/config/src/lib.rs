@@ -295,7 +295,7 @@ impl Default for Config {
             shutdown_grace_ms: 20_000,
             shutdown_drain_delay_ms: 0,
             log_format: LogFormat::Json,
-            log_level: "info".to_owned(),
+            log_level: "info,sqlx::postgres::notice=warn".to_owned(),
             otlp_endpoint: None,
             api_key_cache_ms: 30_000,
             internal_secret: None,

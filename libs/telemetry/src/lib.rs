@@ -55,7 +55,10 @@ pub fn init(config: &Config, service_name: &str) -> Result<TelemetryGuard, Telem
             .with_current_span(true)
             .with_span_list(false)
             .boxed(),
-        LogFormat::Pretty => tracing_subscriber::fmt::layer().compact().boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .compact()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .boxed(),
     };
 
     let provider = match &config.otlp_endpoint {
