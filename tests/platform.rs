@@ -367,3 +367,66 @@ async fn services_in_separate_processes_publish_contact_changes_to_kafka() {
         "one event for one change"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_issue_then_revoke() {
+    let platform =
+        Platform::start_in_memory(vec![("RAPPORT_API_KEY_CACHE_MS".into(), "200".into())]).await;
+    let acme = platform.create_workspace("Acme").await;
+    let mut contacts =
+        ContactsServiceClient::connect(platform.address_of(rapport_proto::service_names::CONTACTS))
+            .await
+            .expect("connect");
+    let issued = platform
+        .run(&["workspace", "issue-key", &acme.workspace_id])
+        .await;
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    let new_key = String::from_utf8_lossy(&issued.stdout).trim().to_owned();
+    assert!(new_key.starts_with("rpk_") && new_key != acme.api_key);
+    for key in [&acme.api_key, &new_key] {
+        let who = contacts
+            .who_am_i(support::with_key(WhoAmIRequest {}, key))
+            .await
+            .expect("both keys work during the rotation")
+            .into_inner();
+        assert_eq!(
+            who.workspace.expect("workspace").workspace_id,
+            acme.workspace_id
+        );
+    }
+    let revoked = platform
+        .run(&["workspace", "revoke-key", &acme.api_key])
+        .await;
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let refused = contacts
+        .who_am_i(support::with_key(WhoAmIRequest {}, &acme.api_key))
+        .await
+        .expect_err("the revoked key is refused once the cache expires");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    contacts
+        .who_am_i(support::with_key(WhoAmIRequest {}, &new_key))
+        .await
+        .expect("the new key still works");
+    let again = platform
+        .run(&["workspace", "revoke-key", &acme.api_key])
+        .await;
+    assert!(!again.status.success(), "revoking twice is an error");
+    let unknown = platform
+        .run(&[
+            "workspace",
+            "issue-key",
+            "01a241cd-c8e5-760e-bcfe-e2a068d50b75",
+        ])
+        .await;
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no workspace"));
+}

@@ -79,6 +79,24 @@ enum WorkspaceCommand {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Issue another key for a workspace (key rotation: issue, deploy the
+    /// new key, then revoke the old one).
+    IssueKey {
+        workspace_id: String,
+        #[arg(long, value_enum, default_value_t = KeyKindArg::Api)]
+        kind: KeyKindArg,
+    },
+    /// Revoke a key. Services stop accepting it once their key cache expires
+    /// (api_key_cache_ms).
+    RevokeKey { key: String },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KeyKindArg {
+    /// An API key (rpk_...) for the gRPC API.
+    Api,
+    /// A write key (rwk_...) for public tracking.
+    Write,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -130,6 +148,39 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Workspace {
             command: WorkspaceCommand::Create { name, output },
         } => create_workspace(&config, &name, output).await,
+        Command::Workspace {
+            command: WorkspaceCommand::IssueKey { workspace_id, kind },
+        } => {
+            let workspace_id = workspace_id
+                .parse()
+                .map_err(|_| anyhow::anyhow!("`{workspace_id}` is not a workspace id"))?;
+            let kind = match kind {
+                KeyKindArg::Api => rapport_tenancy::KeyKind::Api,
+                KeyKindArg::Write => rapport_tenancy::KeyKind::Write,
+            };
+            let pool = serve::tenancy_pool(&config).await?;
+            match rapport_tenancy::issue_key(&pool, workspace_id, kind).await {
+                Ok(key) => {
+                    println!("{key}");
+                    Ok(())
+                }
+                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23503") => {
+                    anyhow::bail!("no workspace {workspace_id}")
+                }
+                Err(error) => Err(error.into()),
+            }
+        }
+        Command::Workspace {
+            command: WorkspaceCommand::RevokeKey { key },
+        } => {
+            let pool = serve::tenancy_pool(&config).await?;
+            if rapport_tenancy::revoke_key(&pool, key.trim()).await? {
+                println!("revoked");
+                Ok(())
+            } else {
+                anyhow::bail!("no active key matches")
+            }
+        }
     }
 }
 
