@@ -3,8 +3,9 @@
 //! in "new leads"; automation enrols them in the "welcome" journey; messaging
 //! renders and delivers two emails over SMTP to a real SMTP server; the open
 //! pixel and a tracked link are followed; reporting counts it all. The
-//! automation side is killed between the two emails and the second still
-//! arrives exactly once.
+//! automation side goes away between the two emails (stopped with SIGTERM
+//! when everything runs in one process, killed with SIGKILL when automation
+//! runs alone) and the second email still arrives exactly once.
 //!
 //! It runs twice: all services in one `rapport serve`, and each service in
 //! its own `rapport serve --services X`, always over Kafka (tansu).

@@ -140,7 +140,10 @@ impl Platform {
             ("RAPPORT_DATABASE_URL".to_owned(), self.database_url.clone()),
             ("RAPPORT_LISTEN_HOST".to_owned(), "127.0.0.1".to_owned()),
             ("RAPPORT_LOG_FORMAT".to_owned(), "pretty".to_owned()),
-            ("RAPPORT_LOG_LEVEL".to_owned(), "info,sqlx::postgres::notice=warn".to_owned()),
+            (
+                "RAPPORT_LOG_LEVEL".to_owned(),
+                "info,sqlx::postgres::notice=warn".to_owned(),
+            ),
             (
                 "RAPPORT_PORTS__INGESTION_HTTP".to_owned(),
                 self.http_port.to_string(),

@@ -49,12 +49,7 @@ pub const CATALOGUE: [TopicInfo; 7] = [
         name: CONTACT_CHANGES,
         payload: "ContactChanged",
         producer: "contacts",
-        consumers: &[
-            "segmentation",
-            "automation",
-            "reporting",
-            "sales-CRM connectors",
-        ],
+        consumers: &["segmentation", "reporting"],
         retention_days: 7,
     },
     TopicInfo {
@@ -75,14 +70,14 @@ pub const CATALOGUE: [TopicInfo; 7] = [
         name: JOURNEY_STEPS,
         payload: "JourneyStepEvent",
         producer: "automation",
-        consumers: &["reporting"],
+        consumers: &[],
         retention_days: 7,
     },
     TopicInfo {
         name: SALES_HANDOFFS,
         payload: "SalesHandoff",
         producer: "automation",
-        consumers: &["sales-CRM connectors", "reporting"],
+        consumers: &[],
         retention_days: 14,
     },
     TopicInfo {
@@ -96,7 +91,7 @@ pub const CATALOGUE: [TopicInfo; 7] = [
         name: CRM_INBOUND,
         payload: "InboundSync",
         producer: "sales-CRM connectors",
-        consumers: &["contacts"],
+        consumers: &[],
         retention_days: 7,
     },
 ];
