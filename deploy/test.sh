@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs Rapport's whole test suite: lints the protobuf contracts (and checks
-# that v1 only changed compatibly since the previous commit), checks
-# formatting, then runs every test against real Postgres and a real Kafka
-# broker (tansu). The local stack is installed and started first.
+# that v1 only changed compatibly since the previous commit), renders and
+# validates every Kubernetes overlay, checks formatting, then runs every test
+# against real Postgres and a real Kafka broker (tansu). The local stack is
+# installed and started first.
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,9 @@ if git rev-parse --verify --quiet HEAD~1 >/dev/null && git cat-file -e HEAD~1:pr
 else
   echo "== buf breaking skipped: no previous commit with proto/"
 fi
+
+echo "== Kubernetes manifests (kubectl kustomize + kubernetes-validate)"
+./deploy/validate-k8s.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
