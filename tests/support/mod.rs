@@ -598,6 +598,17 @@ impl KafkaWatcher {
         }
     }
 
+    /// The envelopes whose record key is `key`, in arrival order.
+    pub fn envelopes_for(&self, key: &str) -> Vec<Envelope> {
+        self.seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, envelope)| envelope.clone())
+            .collect()
+    }
+
     pub fn count_for(&self, key: &str) -> usize {
         self.seen
             .lock()
@@ -738,6 +749,20 @@ pub async fn http(
     content_type: Option<&str>,
     body: &[u8],
 ) -> HttpResponse {
+    let headers: Vec<(&str, &str)> = content_type
+        .map(|content_type| ("Content-Type", content_type))
+        .into_iter()
+        .collect();
+    http_with(method, url, &headers, body).await
+}
+
+/// [`http`] with any request headers.
+pub async fn http_with(
+    method: &str,
+    url: &str,
+    extra_headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://").expect("http URL");
     let (authority, path) = rest
@@ -750,8 +775,8 @@ pub async fn http(
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nUser-Agent: rapport-tests\r\n"
     );
-    if let Some(content_type) = content_type {
-        request.push_str(&format!("Content-Type: {content_type}\r\n"));
+    for (name, value) in extra_headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
     stream.write_all(request.as_bytes()).await.expect("send");

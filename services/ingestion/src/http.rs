@@ -17,7 +17,7 @@ use rapport_proto::events::v1::IngestedEvent;
 use rapport_proto::events::v1::ingested_event::Kind;
 
 use crate::intake::Intake;
-use crate::pages;
+use crate::{pages, segment};
 
 /// A transparent 1x1 GIF.
 const PIXEL: [u8; 43] = [
@@ -30,6 +30,8 @@ pub struct HttpState {
     pub intake: Intake,
     pub signer: Signer,
     pub public_url: String,
+    /// Resolves write keys of the Segment-compatible API.
+    pub keys: Arc<rapport_tenancy::KeyResolver>,
 }
 
 /// A server span per request, child of the caller's trace when it sent one.
@@ -65,8 +67,22 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/c/{token}", get(click))
         .route("/u/{token}", get(unsubscribe_page).post(unsubscribe))
         .route_layer(axum::middleware::from_fn(trace_request))
-        .with_state(state)
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .merge(
+            Router::new()
+                .route("/v1/track", axum::routing::post(segment::track))
+                .route("/v1/identify", axum::routing::post(segment::identify))
+                .route("/v1/page", axum::routing::post(segment::page))
+                .route("/v1/screen", axum::routing::post(segment::screen))
+                .route("/v1/group", axum::routing::post(segment::group))
+                .route("/v1/alias", axum::routing::post(segment::alias))
+                .route("/v1/batch", axum::routing::post(segment::batch))
+                .route_layer(axum::middleware::from_fn(trace_request))
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    segment::MAX_WIRE_BYTES,
+                )),
+        )
+        .with_state(state)
 }
 
 fn error_page(error: &ApiError) -> Response {

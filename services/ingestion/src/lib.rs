@@ -27,6 +27,7 @@ use tonic::{Request, Response, Status};
 mod http;
 mod intake;
 mod pages;
+mod segment;
 
 pub const SCHEMA: &str = "ingestion";
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -75,6 +76,14 @@ pub async fn build(
             rapport_core::signing::TRACKING_PURPOSE,
         ),
         public_url: config.public_url.clone(),
+        keys: Arc::new(rapport_tenancy::KeyResolver::new(
+            rapport_db::connect(config.database_url(), rapport_tenancy::SCHEMA, 4)
+                .await
+                .map_err(|error| {
+                    rapport_bus::BusError::Unavailable(format!("tenancy database: {error}"))
+                })?,
+            std::time::Duration::from_millis(config.api_key_cache_ms),
+        )),
     });
     let listener =
         tokio::net::TcpListener::bind((config.listen_host.as_str(), config.ports.ingestion_http))

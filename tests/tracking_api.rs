@@ -1,0 +1,304 @@
+//! The Segment-compatible tracking API, exercised with the official Segment
+//! Python library (segment-analytics-python) pointed at Rapport, and with
+//! the mistakes clients make.
+
+mod support;
+
+use std::process::Stdio;
+
+use base64::Engine;
+use rapport_proto::contacts::v1::ListContactsRequest;
+use rapport_proto::contacts::v1::contacts_service_client::ContactsServiceClient;
+use rapport_proto::events::v1::Envelope;
+use rapport_proto::events::v1::envelope::Payload;
+use rapport_proto::events::v1::ingested_event::Kind;
+use rapport_proto::service_names;
+use support::{KafkaWatcher, Layout, Platform, eventually, http_with, with_key};
+
+fn basic(write_key: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{write_key}:"))
+    )
+}
+
+fn ingested(envelope: &Envelope) -> Option<&rapport_proto::events::v1::IngestedEvent> {
+    match &envelope.payload {
+        Some(Payload::IngestedEvent(event)) => Some(event),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_segment_library_works_unchanged() {
+    let platform = Platform::start_on_kafka(Layout::OneProcess, Vec::new()).await;
+    let acme = platform.create_workspace("Acme").await;
+    let watcher = KafkaWatcher::start(&platform, rapport_bus::topics::INGESTED_EVENTS).await;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/segment_client.py");
+    let output = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(platform.public_url())
+        .arg(&acme.write_key)
+        .arg(&run)
+        .env(
+            "PYTHONPATH",
+            std::env::var("TEST_PYTHONPATH").unwrap_or_else(|_| "/var/tmp/rapport/python".into()),
+        )
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "the library reported errors: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let user = format!("user-{run}");
+    let events = eventually("the six calls on the events topic", &platform, || {
+        let events: Vec<Envelope> = watcher.envelopes_for(&user);
+        async move { (events.len() >= 6).then_some(events) }
+    })
+    .await;
+    let kinds: std::collections::BTreeSet<i32> =
+        events.iter().filter_map(ingested).map(|e| e.kind).collect();
+    for kind in [
+        Kind::Identify,
+        Kind::Track,
+        Kind::Page,
+        Kind::Screen,
+        Kind::Group,
+        Kind::Alias,
+    ] {
+        assert!(kinds.contains(&(kind as i32)), "{kind:?} missing");
+    }
+    let track = events
+        .iter()
+        .filter_map(ingested)
+        .find(|e| e.kind() == Kind::Track)
+        .expect("track");
+    assert_eq!(track.name, "Order Completed");
+    let revenue =
+        rapport_core::json::struct_to_json(track.properties.as_ref().expect("properties"));
+    assert_eq!(revenue["revenue"], serde_json::json!(42.5));
+    assert!(
+        !track.message_id.is_empty(),
+        "the library's message id is kept"
+    );
+    let page = events
+        .iter()
+        .filter_map(ingested)
+        .find(|e| e.kind() == Kind::Page)
+        .expect("page");
+    assert_eq!(page.name, "Pricing");
+    let alias = events
+        .iter()
+        .filter_map(ingested)
+        .find(|e| e.kind() == Kind::Alias)
+        .expect("alias");
+    assert_eq!(alias.previous_id, format!("anon-{run}"));
+    let group = events
+        .iter()
+        .filter_map(ingested)
+        .find(|e| e.kind() == Kind::Group)
+        .expect("group");
+    assert_eq!(group.group_id, format!("company-{run}"));
+    assert!(
+        events.iter().all(|e| e.workspace_id == acme.workspace_id),
+        "the write key's workspace"
+    );
+
+    // The identify made a contact, with the extra trait as an attribute.
+    let mut contacts = ContactsServiceClient::connect(platform.address_of(service_names::CONTACTS))
+        .await
+        .expect("connect");
+    let email = format!("ada-{run}@example.com");
+    let contact = eventually("the identified contact", &platform, || {
+        let mut contacts = contacts.clone();
+        let key = acme.api_key.clone();
+        let email = email.clone();
+        async move {
+            let listed = contacts
+                .list_contacts(with_key(ListContactsRequest::default(), &key))
+                .await
+                .ok()?
+                .into_inner();
+            listed.contacts.into_iter().find(|c| c.email == email)
+        }
+    })
+    .await;
+    assert_eq!(contact.first_name, "Ada");
+    let attributes =
+        rapport_core::json::struct_to_json(contact.attributes.as_ref().expect("attributes"));
+    assert_eq!(attributes["plan"], "pro");
+    let _ = contacts
+        .list_contacts(with_key(ListContactsRequest::default(), &acme.api_key))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_mistakes_get_a_4xx_saying_why_and_nothing_is_half_taken() {
+    let platform = Platform::start_on_kafka(Layout::OneProcess, Vec::new()).await;
+    let acme = platform.create_workspace("Acme").await;
+    let watcher = KafkaWatcher::start(&platform, rapport_bus::topics::INGESTED_EVENTS).await;
+    let base = platform.public_url();
+    let auth = basic(&acme.write_key);
+    let json = ("Content-Type", "application/json");
+    let post = |path: &str, headers: Vec<(&'static str, String)>, body: Vec<u8>| {
+        let url = format!("{base}{path}");
+        async move {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            http_with("POST", &url, &headers, &body).await
+        }
+    };
+    let with_auth = |extra: Vec<(&'static str, String)>| {
+        let mut headers = vec![("Authorization", auth.clone()), (json.0, json.1.to_owned())];
+        headers.extend(extra);
+        headers
+    };
+
+    let cases: Vec<(&str, Vec<(&'static str, String)>, Vec<u8>, u16, &str)> = vec![
+        ("/v1/track", with_auth(vec![]), b"{not json".to_vec(), 400, "not valid JSON"),
+        (
+            "/v1/track",
+            vec![("Authorization", basic("rwk_unknown")), (json.0, json.1.to_owned())],
+            br#"{"userId":"u","event":"x"}"#.to_vec(),
+            401,
+            "write key is not valid",
+        ),
+        (
+            "/v1/track",
+            vec![("Authorization", basic(&acme.api_key)), (json.0, json.1.to_owned())],
+            br#"{"userId":"u","event":"x"}"#.to_vec(),
+            401,
+            "write key is not valid",
+        ),
+        ("/v1/track", vec![(json.0, json.1.to_owned())], br#"{"userId":"u","event":"x"}"#.to_vec(), 401, "missing write key"),
+        ("/v1/track", with_auth(vec![]), br#"{"event":"x"}"#.to_vec(), 400, "userId or an anonymousId"),
+        (
+            "/v1/identify",
+            with_auth(vec![]),
+            br#"{"userId":"u","timestamp":"last tuesday"}"#.to_vec(),
+            400,
+            "not an ISO 8601 timestamp",
+        ),
+        (
+            "/v1/track",
+            with_auth(vec![]),
+            serde_json::to_vec(&serde_json::json!({"userId": "u", "event": "big", "properties": {"blob": "x".repeat(33 * 1024)}}))
+                .expect("json"),
+            413,
+            "larger than 32 KB",
+        ),
+        (
+            "/v1/batch",
+            with_auth(vec![]),
+            serde_json::to_vec(&serde_json::json!({"batch": [
+                {"type": "track", "userId": "half-taken", "event": "Good", "messageId": "good-1"},
+                {"type": "track", "userId": "half-taken"}
+            ]}))
+            .expect("json"),
+            400,
+            "batch[1].event is required",
+        ),
+        (
+            "/v1/batch",
+            with_auth(vec![]),
+            serde_json::to_vec(&serde_json::json!({"batch": (0..20).map(|i| serde_json::json!({
+                "type": "track", "userId": "u", "event": "x", "properties": {"blob": "y".repeat(30 * 1024), "i": i}
+            })).collect::<Vec<_>>()}))
+            .expect("json"),
+            413,
+            "larger than 500 KB",
+        ),
+    ];
+    for (path, headers, body, status, reason) in cases {
+        let response = post(path, headers, body).await;
+        assert_eq!(response.status, status, "{path}: {}", response.text());
+        assert!(
+            response.text().contains(reason),
+            "{path}: {} should say {reason}",
+            response.text()
+        );
+        assert!(response.text().contains("\"success\":false"));
+    }
+
+    // A gzip body is accepted; the reply comes after the bus has the event.
+    let mut gzipped = Vec::new();
+    {
+        use std::io::Write;
+        let mut encoder = flate2_writer(&mut gzipped);
+        encoder
+            .write_all(br#"{"anonymousId":"anon-gzip","event":"Compressed","messageId":"gzip-1"}"#)
+            .expect("gzip");
+    }
+    let response = post(
+        "/v1/track",
+        with_auth(vec![("Content-Encoding", "gzip".to_owned())]),
+        gzipped,
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    assert!(response.text().contains("\"success\":true"));
+    let events = eventually("the gzip event", &platform, || {
+        let events = watcher.envelopes_for("anon-gzip");
+        async move { (!events.is_empty()).then_some(events) }
+    })
+    .await;
+    assert_eq!(ingested(&events[0]).expect("ingested").name, "Compressed");
+    // The rejected batch left nothing behind.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(
+        watcher.envelopes_for("half-taken").is_empty(),
+        "no event of the rejected batch was taken"
+    );
+}
+
+/// A gzip writer without a dependency on flate2 in the tests: `gzip -c`.
+fn flate2_writer(out: &mut Vec<u8>) -> GzipPipe<'_> {
+    GzipPipe {
+        out,
+        input: Vec::new(),
+    }
+}
+
+struct GzipPipe<'a> {
+    out: &'a mut Vec<u8>,
+    input: Vec<u8>,
+}
+
+impl std::io::Write for GzipPipe<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.input.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for GzipPipe<'_> {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let mut child = std::process::Command::new("gzip")
+            .arg("-c")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("gzip runs");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&self.input)
+            .expect("feed gzip");
+        let output = child.wait_with_output().expect("gzip output");
+        self.out.extend_from_slice(&output.stdout);
+    }
+}
