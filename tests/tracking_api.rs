@@ -302,3 +302,112 @@ impl Drop for GzipPipe<'_> {
         self.out.extend_from_slice(&output.stdout);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_batches_are_validated_whole_deduplicated_and_streamed() {
+    use rapport_proto::ingestion::v1::ingestion_service_client::IngestionServiceClient;
+    use rapport_proto::ingestion::v1::{
+        AliasRequest, BatchRequest, Event, PageRequest, StreamEventsRequest, TrackRequest, event,
+    };
+    use tonic_types::StatusExt;
+
+    let platform = Platform::start_on_kafka(Layout::OneProcess, Vec::new()).await;
+    let acme = platform.create_workspace("Acme").await;
+    let watcher = KafkaWatcher::start(&platform, rapport_bus::topics::INGESTED_EVENTS).await;
+    let mut ingestion =
+        IngestionServiceClient::connect(platform.address_of(service_names::INGESTION))
+            .await
+            .expect("connect");
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let user = format!("batch-{run}");
+    let batch = |user: &str, tag: &str| BatchRequest {
+        events: vec![
+            Event {
+                event: Some(event::Event::Track(TrackRequest {
+                    message_id: format!("{tag}-1"),
+                    event: "Trial Started".into(),
+                    user_id: user.into(),
+                    ..Default::default()
+                })),
+            },
+            Event {
+                event: Some(event::Event::Page(PageRequest {
+                    message_id: format!("{tag}-2"),
+                    name: "Pricing".into(),
+                    user_id: user.into(),
+                    ..Default::default()
+                })),
+            },
+            Event {
+                event: Some(event::Event::Alias(AliasRequest {
+                    message_id: format!("{tag}-3"),
+                    user_id: user.into(),
+                    previous_id: format!("anon-{tag}"),
+                    ..Default::default()
+                })),
+            },
+        ],
+    };
+    let first = ingestion
+        .batch(with_key(batch(&user, &run), &acme.api_key))
+        .await
+        .expect("batch")
+        .into_inner();
+    assert_eq!((first.accepted, first.duplicates), (3, 0));
+    let again = ingestion
+        .batch(with_key(batch(&user, &run), &acme.api_key))
+        .await
+        .expect("batch again")
+        .into_inner();
+    assert_eq!(
+        (again.accepted, again.duplicates),
+        (0, 3),
+        "a retried batch is acknowledged and dropped"
+    );
+
+    let mut invalid = batch(&format!("invalid-{run}"), &format!("invalid-{run}"));
+    if let Some(event::Event::Track(track)) = invalid.events[0].event.as_mut() {
+        track.event.clear();
+    }
+    let refused = ingestion
+        .batch(with_key(invalid, &acme.api_key))
+        .await
+        .expect_err("an invalid event rejects the batch");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let fields: Vec<String> = refused
+        .get_error_details()
+        .bad_request()
+        .expect("field violations")
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert_eq!(fields, vec!["events[0].track.event"]);
+
+    let streamed_user = format!("stream-{run}");
+    let chunks: Vec<StreamEventsRequest> = (0..3)
+        .map(|n| StreamEventsRequest {
+            events: batch(&streamed_user, &format!("{run}-s{n}")).events,
+        })
+        .collect();
+    let totals = ingestion
+        .stream_events(with_key(tokio_stream::iter(chunks), &acme.api_key))
+        .await
+        .expect("stream")
+        .into_inner();
+    assert_eq!((totals.accepted, totals.duplicates), (9, 0));
+
+    eventually("every accepted event on the topic", &platform, || {
+        let done = watcher.envelopes_for(&user).len() >= 3
+            && watcher.envelopes_for(&streamed_user).len() >= 9;
+        async move { done.then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(
+        watcher.envelopes_for(&user).len(),
+        3,
+        "the retried batch published nothing"
+    );
+    assert!(watcher.envelopes_for(&format!("invalid-{run}")).is_empty());
+}

@@ -97,3 +97,105 @@ impl Intake {
         })
     }
 }
+
+/// What [`Intake::accept_batch`] did.
+pub struct BatchOutcome {
+    /// Message ids in the order of the events given.
+    pub message_ids: Vec<String>,
+    pub accepted: usize,
+    pub duplicates: usize,
+}
+
+impl Intake {
+    /// Accepts many events with one dedupe statement and one publish: every
+    /// new event is on the bus before this returns, or none is marked seen.
+    pub async fn accept_batch(
+        &self,
+        workspace: WorkspaceId,
+        mut events: Vec<IngestedEvent>,
+    ) -> Result<BatchOutcome, ApiError> {
+        let now = to_timestamp(Utc::now());
+        for event in &mut events {
+            if event.message_id.trim().is_empty() {
+                event.message_id = rapport_core::ids::new_id().to_string();
+            }
+            event.received_at = Some(now);
+            if event.timestamp.is_none() {
+                event.timestamp = Some(now);
+            }
+        }
+        let message_ids: Vec<String> = events
+            .iter()
+            .map(|event| event.message_id.clone())
+            .collect();
+        let mut transaction = self.pool.begin().await.map_err(map_db_error)?;
+        let fresh: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO seen_messages (workspace_id, message_id)
+             SELECT $1, unnest($2::text[])
+             ON CONFLICT DO NOTHING
+             RETURNING message_id",
+        )
+        .bind(workspace.0)
+        .bind(&message_ids)
+        .fetch_all(&mut *transaction)
+        .await
+        .map_err(map_db_error)?;
+        let mut fresh: std::collections::HashSet<String> = fresh.into_iter().collect();
+        let workspace_text = workspace.to_string();
+        let metrics = rapport_metrics::metrics();
+        let mut records = Vec::with_capacity(fresh.len());
+        let mut kinds = Vec::with_capacity(fresh.len());
+        for event in events {
+            // The first event with a new id is taken; repeats are duplicates.
+            if !fresh.remove(&event.message_id) {
+                continue;
+            }
+            let key = [&event.contact_id, &event.user_id, &event.anonymous_id]
+                .into_iter()
+                .find(|id| !id.is_empty())
+                .cloned()
+                .unwrap_or_else(|| event.message_id.clone());
+            kinds.push(
+                event
+                    .kind()
+                    .as_str_name()
+                    .trim_start_matches("KIND_")
+                    .to_ascii_lowercase(),
+            );
+            let envelope =
+                envelope::new_envelope(&workspace_text, "ingestion", Payload::IngestedEvent(event));
+            records.push(envelope::to_record(
+                topics::INGESTED_EVENTS,
+                &key,
+                &envelope,
+            ));
+        }
+        let accepted = records.len();
+        if accepted > 0 {
+            if let Err(error) = self.bus.publish_batch(records).await {
+                tracing::warn!(%error, "event bus refused a batch");
+                let _ = transaction.rollback().await;
+                return Err(ApiError::unavailable("event log unavailable; retry"));
+            }
+        }
+        transaction.commit().await.map_err(map_db_error)?;
+        for kind in kinds {
+            metrics
+                .events_ingested
+                .with_label_values(&[kind.as_str()])
+                .inc();
+        }
+        let duplicates = message_ids.len() - accepted;
+        if duplicates > 0 {
+            metrics
+                .events_ingested
+                .with_label_values(&["duplicate"])
+                .inc_by(u64::try_from(duplicates).unwrap_or(0));
+        }
+        Ok(BatchOutcome {
+            message_ids,
+            accepted,
+            duplicates,
+        })
+    }
+}

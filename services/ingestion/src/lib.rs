@@ -15,7 +15,6 @@ use rapport_db::definitions::check_name;
 use rapport_grpc::auth::workspace_of;
 use rapport_grpc::{BackgroundTask, GrpcService, ServiceParts};
 use rapport_proto::events::v1::IngestedEvent;
-use rapport_proto::events::v1::ingested_event::Kind;
 use rapport_proto::ingestion::v1::ingestion_service_server::{
     IngestionService, IngestionServiceServer,
 };
@@ -24,6 +23,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+mod events;
 mod http;
 mod intake;
 mod pages;
@@ -31,8 +31,6 @@ mod segment;
 
 pub const SCHEMA: &str = "ingestion";
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-const MAX_ID_LENGTH: usize = 255;
 
 /// How long a message id is remembered: a repeat within this window is
 /// acknowledged and dropped.
@@ -136,30 +134,48 @@ struct IngestionApi {
     public_url: String,
 }
 
-fn check_ids(message_id: &str, user_id: &str, anonymous_id: &str) -> Result<(), ApiError> {
-    let mut violations = Vec::new();
-    if user_id.trim().is_empty() && anonymous_id.trim().is_empty() {
-        violations.push(FieldViolation {
-            field: "user_id".into(),
-            description: "one of user_id and anonymous_id is required".into(),
-        });
+/// Most events one Batch call (or one stream message) may carry.
+pub const MAX_BATCH_EVENTS: usize = 1000;
+
+impl IngestionApi {
+    async fn one(
+        &self,
+        workspace: rapport_core::WorkspaceId,
+        event: Result<IngestedEvent, Vec<FieldViolation>>,
+    ) -> Result<(String, bool), Status> {
+        let event = event.map_err(ApiError::invalid_fields)?;
+        let accepted = self.intake.accept(workspace, event).await?;
+        Ok((accepted.message_id, accepted.duplicate))
     }
-    for (field, value) in [
-        ("message_id", message_id),
-        ("user_id", user_id),
-        ("anonymous_id", anonymous_id),
-    ] {
-        if value.len() > MAX_ID_LENGTH {
-            violations.push(FieldViolation {
-                field: field.into(),
-                description: format!("is longer than {MAX_ID_LENGTH} characters"),
-            });
+
+    /// Checks every event, then accepts them all at once.
+    async fn many(
+        &self,
+        workspace: rapport_core::WorkspaceId,
+        events: Vec<rapport_proto::ingestion::v1::Event>,
+    ) -> Result<intake::BatchOutcome, Status> {
+        if events.len() > MAX_BATCH_EVENTS {
+            return Err(ApiError::invalid_field(
+                "events",
+                format!(
+                    "holds {} events; at most {MAX_BATCH_EVENTS} per call",
+                    events.len()
+                ),
+            )
+            .into());
         }
-    }
-    if violations.is_empty() {
-        Ok(())
-    } else {
-        Err(ApiError::invalid_fields(violations))
+        let mut checked = Vec::with_capacity(events.len());
+        let mut violations = Vec::new();
+        for (index, event) in events.into_iter().enumerate() {
+            match events::any(event, &format!("events[{index}].")) {
+                Ok(event) => checked.push(event),
+                Err(mut problems) => violations.append(&mut problems),
+            }
+        }
+        if !violations.is_empty() {
+            return Err(ApiError::invalid_fields(violations).into());
+        }
+        Ok(self.intake.accept_batch(workspace, checked).await?)
     }
 }
 
@@ -170,26 +186,12 @@ impl IngestionService for IngestionApi {
         request: Request<TrackRequest>,
     ) -> Result<Response<TrackResponse>, Status> {
         let workspace = workspace_of(&request)?;
-        let request = request.into_inner();
-        check_ids(&request.message_id, &request.user_id, &request.anonymous_id)?;
-        if request.event.trim().is_empty() {
-            return Err(ApiError::invalid_field("event", "is required").into());
-        }
-        let event = IngestedEvent {
-            message_id: request.message_id.trim().to_owned(),
-            kind: Kind::Track.into(),
-            name: request.event.trim().to_owned(),
-            user_id: request.user_id.trim().to_owned(),
-            anonymous_id: request.anonymous_id.trim().to_owned(),
-            properties: request.properties,
-            context: request.context,
-            timestamp: request.timestamp,
-            ..Default::default()
-        };
-        let accepted = self.intake.accept(workspace, event).await?;
+        let (message_id, duplicate) = self
+            .one(workspace, events::track(request.into_inner(), ""))
+            .await?;
         Ok(Response::new(TrackResponse {
-            message_id: accepted.message_id,
-            duplicate: accepted.duplicate,
+            message_id,
+            duplicate,
         }))
     }
 
@@ -198,23 +200,80 @@ impl IngestionService for IngestionApi {
         request: Request<IdentifyRequest>,
     ) -> Result<Response<IdentifyResponse>, Status> {
         let workspace = workspace_of(&request)?;
-        let request = request.into_inner();
-        check_ids(&request.message_id, &request.user_id, &request.anonymous_id)?;
-        let event = IngestedEvent {
-            message_id: request.message_id.trim().to_owned(),
-            kind: Kind::Identify.into(),
-            user_id: request.user_id.trim().to_owned(),
-            anonymous_id: request.anonymous_id.trim().to_owned(),
-            traits: request.traits,
-            context: request.context,
-            timestamp: request.timestamp,
-            ..Default::default()
-        };
-        let accepted = self.intake.accept(workspace, event).await?;
+        let (message_id, duplicate) = self
+            .one(workspace, events::identify(request.into_inner(), ""))
+            .await?;
         Ok(Response::new(IdentifyResponse {
-            message_id: accepted.message_id,
-            duplicate: accepted.duplicate,
+            message_id,
+            duplicate,
         }))
+    }
+
+    async fn page(&self, request: Request<PageRequest>) -> Result<Response<PageResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let (message_id, duplicate) = self
+            .one(workspace, events::page(request.into_inner(), ""))
+            .await?;
+        Ok(Response::new(PageResponse {
+            message_id,
+            duplicate,
+        }))
+    }
+
+    async fn group(
+        &self,
+        request: Request<GroupRequest>,
+    ) -> Result<Response<GroupResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let (message_id, duplicate) = self
+            .one(workspace, events::group(request.into_inner(), ""))
+            .await?;
+        Ok(Response::new(GroupResponse {
+            message_id,
+            duplicate,
+        }))
+    }
+
+    async fn alias(
+        &self,
+        request: Request<AliasRequest>,
+    ) -> Result<Response<AliasResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let (message_id, duplicate) = self
+            .one(workspace, events::alias(request.into_inner(), ""))
+            .await?;
+        Ok(Response::new(AliasResponse {
+            message_id,
+            duplicate,
+        }))
+    }
+
+    async fn batch(
+        &self,
+        request: Request<BatchRequest>,
+    ) -> Result<Response<BatchResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let outcome = self.many(workspace, request.into_inner().events).await?;
+        Ok(Response::new(BatchResponse {
+            message_ids: outcome.message_ids,
+            accepted: i32::try_from(outcome.accepted).unwrap_or(i32::MAX),
+            duplicates: i32::try_from(outcome.duplicates).unwrap_or(i32::MAX),
+        }))
+    }
+
+    async fn stream_events(
+        &self,
+        request: Request<tonic::Streaming<StreamEventsRequest>>,
+    ) -> Result<Response<StreamEventsResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let mut stream = request.into_inner();
+        let mut totals = StreamEventsResponse::default();
+        while let Some(message) = stream.message().await? {
+            let outcome = self.many(workspace, message.events).await?;
+            totals.accepted += i64::try_from(outcome.accepted).unwrap_or(0);
+            totals.duplicates += i64::try_from(outcome.duplicates).unwrap_or(0);
+        }
+        Ok(Response::new(totals))
     }
 
     async fn create_landing_page(

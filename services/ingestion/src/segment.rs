@@ -302,20 +302,18 @@ async fn accept_all(
     workspace: WorkspaceId,
     events: Vec<IngestedEvent>,
 ) -> Result<Response, Rejection> {
-    for event in events {
-        if let Err(error) = state.intake.accept(workspace, event).await {
-            let status = if error.code == ErrorCode::Unavailable || error.code.is_retryable() {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else if error.code == ErrorCode::InvalidArgument {
-                StatusCode::BAD_REQUEST
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            };
-            return Err(Rejection {
-                status,
-                message: error.message,
-            });
-        }
+    if let Err(error) = state.intake.accept_batch(workspace, events).await {
+        let status = if error.code == ErrorCode::Unavailable || error.code.is_retryable() {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else if error.code == ErrorCode::InvalidArgument {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        return Err(Rejection {
+            status,
+            message: error.message,
+        });
     }
     Ok(axum::Json(serde_json::json!({ "success": true })).into_response())
 }
