@@ -26,12 +26,54 @@ const PIXEL: [u8; 43] = [
     0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
 ];
 
+/// Form submissions allowed per client address and minute.
+pub const FORM_SUBMISSIONS_PER_MINUTE: u32 = 10;
+
+/// Counts form submissions per client address in one-minute windows.
+#[derive(Default)]
+pub struct FormLimiter {
+    windows:
+        std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u32)>>,
+}
+
+impl FormLimiter {
+    pub fn allow(&self, ip: std::net::IpAddr) -> bool {
+        let now = std::time::Instant::now();
+        let mut windows = self
+            .windows
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if windows.len() > 100_000 {
+            windows.retain(|_, (start, _)| now.duration_since(*start).as_secs() < 60);
+        }
+        let (start, count) = windows.entry(ip).or_insert((now, 0));
+        if now.duration_since(*start).as_secs() >= 60 {
+            *start = now;
+            *count = 0;
+        }
+        *count += 1;
+        *count <= FORM_SUBMISSIONS_PER_MINUTE
+    }
+}
+
+/// The client's address: the first X-Forwarded-For hop when a proxy in
+/// front of ingestion sets it, otherwise the connection's peer.
+fn client_ip(headers: &HeaderMap, peer: std::net::SocketAddr) -> std::net::IpAddr {
+    headers
+        .get("x-forwarded-for")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(',').next())
+        .and_then(|first| first.trim().parse().ok())
+        .unwrap_or_else(|| peer.ip())
+}
+
 pub struct HttpState {
     pub intake: Intake,
     pub signer: Signer,
     pub public_url: String,
     /// Resolves write keys of the Segment-compatible API.
     pub keys: Arc<rapport_tenancy::KeyResolver>,
+    pub form_limiter: FormLimiter,
 }
 
 /// A server span per request, child of the caller's trace when it sent one.
@@ -152,12 +194,27 @@ fn looks_like_email(value: &str) -> bool {
 async fn submit_form(
     State(state): State<Arc<HttpState>>,
     Path(form_id): Path<String>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
     Form(values): Form<Vec<(String, String)>>,
 ) -> Response {
     let Ok(form_id) = form_id.parse() else {
         return not_found("form");
     };
+    if !state.form_limiter.allow(client_ip(&headers, peer)) {
+        let mut response = (
+            StatusCode::TOO_MANY_REQUESTS,
+            Html(pages::render_message(
+                "Too many submissions",
+                "Please wait a minute and try again.",
+            )),
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+        return response;
+    }
     let stored = match pages::by_form(&state.intake.pool, form_id).await {
         Ok(Some(stored)) => stored,
         Ok(None) => return not_found("form"),
@@ -205,6 +262,16 @@ async fn submit_form(
         }
         traits.insert(field.name.clone(), serde_json::Value::String(value));
     }
+    if !form.consent_label.trim().is_empty() {
+        let consented = !value_of(pages::CONSENT_FIELD).is_empty();
+        if form.consent_required && !consented {
+            problems.push(format!("{} is required.", form.consent_label.trim()));
+        }
+        traits.insert(
+            pages::CONSENT_FIELD.into(),
+            serde_json::Value::Bool(consented),
+        );
+    }
     if traits.get("email").is_none() && problems.is_empty() {
         problems.push("An email address is required.".to_owned());
     }
@@ -242,16 +309,41 @@ async fn submit_form(
     {
         context.insert("userAgent".into(), agent.into());
     }
-    let event = IngestedEvent {
+    // The visitor's first-party anonymous id, when the tracking snippet
+    // set one; otherwise a new one for this submission.
+    let anonymous_id = value_of("anonymous_id");
+    let anonymous_id = if anonymous_id.is_empty() || anonymous_id.len() > 255 {
+        rapport_core::ids::new_id().to_string()
+    } else {
+        anonymous_id
+    };
+    let traits = json_to_struct(&serde_json::Value::Object(traits));
+    let context = json_to_struct(&serde_json::Value::Object(context));
+    // A submission is a form event and an identify, accepted together.
+    let submitted = IngestedEvent {
         kind: Kind::FormSubmitted.into(),
         name: "Form Submitted".into(),
-        anonymous_id: rapport_core::ids::new_id().to_string(),
-        traits: Some(json_to_struct(&serde_json::Value::Object(traits))),
+        anonymous_id: anonymous_id.clone(),
+        traits: Some(traits.clone()),
         properties: Some(json_to_struct(&serde_json::Value::Object(properties))),
-        context: Some(json_to_struct(&serde_json::Value::Object(context))),
+        context: Some(context.clone()),
         ..Default::default()
     };
-    match state.intake.accept(stored.workspace, event).await {
+    let identify = IngestedEvent {
+        kind: Kind::Identify.into(),
+        anonymous_id,
+        traits: Some(traits),
+        context: Some(context),
+        ..Default::default()
+    };
+    match state
+        .intake
+        .accept_batch(stored.workspace, vec![submitted, identify])
+        .await
+    {
+        Ok(_) if !form.redirect_url.trim().is_empty() => {
+            Redirect::to(form.redirect_url.trim()).into_response()
+        }
         Ok(_) => Html(pages::render_message("Thank you", thank_you)).into_response(),
         Err(error) => error_page(&error),
     }

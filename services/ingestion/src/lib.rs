@@ -82,6 +82,7 @@ pub async fn build(
                 })?,
             std::time::Duration::from_millis(config.api_key_cache_ms),
         )),
+        form_limiter: http::FormLimiter::default(),
     });
     let listener =
         tokio::net::TcpListener::bind((config.listen_host.as_str(), config.ports.ingestion_http))
@@ -99,7 +100,8 @@ pub async fn build(
     let router = http::router(state);
     let server = tokio::spawn(async move {
         let shutdown = async move { server_cancel.cancelled().await };
-        if let Err(error) = axum::serve(listener, router)
+        let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        if let Err(error) = axum::serve(listener, service)
             .with_graceful_shutdown(shutdown)
             .await
         {

@@ -64,6 +64,19 @@ pub fn check(page: &LandingPage) -> Result<(), ApiError> {
                     "must include a field named `email`",
                 );
             }
+            let redirect = form.redirect_url.trim();
+            if !redirect.is_empty() && !url_is_http(redirect) {
+                violation(
+                    "page.form.redirect_url".into(),
+                    "must be an absolute http or https URL",
+                );
+            }
+            if form.consent_required && form.consent_label.trim().is_empty() {
+                violation(
+                    "page.form.consent_label".into(),
+                    "is required when consent_required is set",
+                );
+            }
         }
     }
     if violations.is_empty() {
@@ -72,6 +85,16 @@ pub fn check(page: &LandingPage) -> Result<(), ApiError> {
         Err(ApiError::invalid_fields(violations))
     }
 }
+
+fn url_is_http(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    (lower.starts_with("http://") || lower.starts_with("https://"))
+        && text.len() > "https://".len()
+        && !text.contains(char::is_whitespace)
+}
+
+/// The form field carrying the consent checkbox.
+pub const CONSENT_FIELD: &str = "email_consent";
 
 pub struct StoredPage {
     pub workspace: WorkspaceId,
@@ -196,6 +219,13 @@ pub fn render_page(page: &LandingPage, public_url: &str, utm: &[(String, String)
             name = attr(&field.name),
             label = text(label),
             required = if field.required { " required" } else { "" },
+        ));
+    }
+    if !form.consent_label.trim().is_empty() {
+        body.push_str(&format!(
+            "<label><input type=\"checkbox\" name=\"{CONSENT_FIELD}\" value=\"yes\"{required} style=\"width:auto\"> {label}</label>",
+            required = if form.consent_required { " required" } else { "" },
+            label = text(form.consent_label.trim()),
         ));
     }
     for (name, value) in utm {
