@@ -102,6 +102,8 @@ impl Intake {
 pub struct BatchOutcome {
     /// Message ids in the order of the events given.
     pub message_ids: Vec<String>,
+    /// Whether each event (in the order given) was a duplicate.
+    pub duplicate: Vec<bool>,
     pub accepted: usize,
     pub duplicates: usize,
 }
@@ -145,11 +147,14 @@ impl Intake {
         let metrics = rapport_metrics::metrics();
         let mut records = Vec::with_capacity(fresh.len());
         let mut kinds = Vec::with_capacity(fresh.len());
+        let mut duplicate = Vec::with_capacity(message_ids.len());
         for event in events {
             // The first event with a new id is taken; repeats are duplicates.
             if !fresh.remove(&event.message_id) {
+                duplicate.push(true);
                 continue;
             }
+            duplicate.push(false);
             let key = [&event.contact_id, &event.user_id, &event.anonymous_id]
                 .into_iter()
                 .find(|id| !id.is_empty())
@@ -194,8 +199,106 @@ impl Intake {
         }
         Ok(BatchOutcome {
             message_ids,
+            duplicate,
             accepted,
             duplicates,
         })
+    }
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<Accepted, ApiError>>;
+
+/// Group commit for single events: concurrent calls are gathered for up to
+/// [`GATHER`] (or [`GATHER_MAX`] events) and accepted together with one dedupe
+/// statement and one publish, so a burst of single calls costs a few round
+/// trips instead of one database connection held per call across the
+/// broker's acknowledgement. Each caller is answered when its batch is
+/// durable.
+#[derive(Clone)]
+pub struct GroupCommit {
+    sender: tokio::sync::mpsc::Sender<(WorkspaceId, IngestedEvent, Reply)>,
+}
+
+const GATHER: std::time::Duration = std::time::Duration::from_millis(2);
+const GATHER_MAX: usize = 500;
+/// Batches in flight at once (each waits on the broker).
+const IN_FLIGHT: usize = 8;
+
+impl GroupCommit {
+    pub fn spawn(intake: Intake) -> (Self, tokio::task::JoinHandle<()>) {
+        let (sender, mut receiver) =
+            tokio::sync::mpsc::channel::<(WorkspaceId, IngestedEvent, Reply)>(10_000);
+        let task = tokio::spawn(async move {
+            let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+            while let Some(first) = receiver.recv().await {
+                let mut gathered = vec![first];
+                let deadline = tokio::time::Instant::now() + GATHER;
+                while gathered.len() < GATHER_MAX {
+                    match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                        Ok(Some(item)) => gathered.push(item),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                let intake = intake.clone();
+                tokio::spawn(async move {
+                    let mut by_workspace: std::collections::HashMap<
+                        WorkspaceId,
+                        Vec<(IngestedEvent, Reply)>,
+                    > = std::collections::HashMap::new();
+                    for (workspace, event, reply) in gathered {
+                        by_workspace
+                            .entry(workspace)
+                            .or_default()
+                            .push((event, reply));
+                    }
+                    for (workspace, items) in by_workspace {
+                        let (events, replies): (Vec<_>, Vec<_>) = items.into_iter().unzip();
+                        match intake.accept_batch(workspace, events).await {
+                            Ok(outcome) => {
+                                for ((reply, message_id), duplicate) in replies
+                                    .into_iter()
+                                    .zip(outcome.message_ids)
+                                    .zip(outcome.duplicate)
+                                {
+                                    let _ = reply.send(Ok(Accepted {
+                                        message_id,
+                                        duplicate,
+                                    }));
+                                }
+                            }
+                            Err(error) => {
+                                for reply in replies {
+                                    let _ = reply.send(Err(ApiError::new(
+                                        error.code,
+                                        error.message.clone(),
+                                    )));
+                                }
+                            }
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+        });
+        (GroupCommit { sender }, task)
+    }
+
+    /// Accepts one event; returns once it is durable (or refused).
+    pub async fn accept(
+        &self,
+        workspace: WorkspaceId,
+        event: IngestedEvent,
+    ) -> Result<Accepted, ApiError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.sender
+            .send((workspace, event, reply))
+            .await
+            .map_err(|_| ApiError::unavailable("ingestion is shutting down; retry"))?;
+        answer
+            .await
+            .map_err(|_| ApiError::unavailable("ingestion is shutting down; retry"))?
     }
 }

@@ -67,6 +67,7 @@ pub async fn build(
         pool: pool.clone(),
         bus,
     };
+    let (group_commit, group_commit_task) = intake::GroupCommit::spawn(intake.clone());
     let state = Arc::new(http::HttpState {
         intake: intake.clone(),
         signer: rapport_core::signing::Signer::new(
@@ -114,6 +115,7 @@ pub async fn build(
             name: rapport_proto::service_names::INGESTION,
             routes: tonic::service::Routes::new(IngestionServiceServer::new(IngestionApi {
                 intake,
+                group_commit,
                 pool,
                 public_url: config.public_url.clone(),
             })),
@@ -126,12 +128,18 @@ pub async fn build(
             BackgroundTask::new("ingestion dedupe pruner", move || async move {
                 pruner.abort();
             }),
+            // Ends once the gRPC server (which holds its sender) has drained.
+            BackgroundTask::flush("ingestion group commit", move || async move {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), group_commit_task)
+                    .await;
+            }),
         ],
     })
 }
 
 struct IngestionApi {
     intake: intake::Intake,
+    group_commit: intake::GroupCommit,
     pool: PgPool,
     public_url: String,
 }
@@ -146,7 +154,7 @@ impl IngestionApi {
         event: Result<IngestedEvent, Vec<FieldViolation>>,
     ) -> Result<(String, bool), Status> {
         let event = event.map_err(ApiError::invalid_fields)?;
-        let accepted = self.intake.accept(workspace, event).await?;
+        let accepted = self.group_commit.accept(workspace, event).await?;
         Ok((accepted.message_id, accepted.duplicate))
     }
 
