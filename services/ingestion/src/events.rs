@@ -34,7 +34,7 @@ impl Check<'_> {
             ("anonymous_id", anonymous_id),
         ] {
             if value.len() > MAX_ID_LENGTH {
-                self.violation(field, format!("is longer than {MAX_ID_LENGTH} characters"));
+                self.violation(field, format!("is longer than {MAX_ID_LENGTH} bytes"));
             }
         }
     }
@@ -43,7 +43,7 @@ impl Check<'_> {
         if value.trim().is_empty() {
             self.violation(field, "is required");
         } else if value.len() > MAX_ID_LENGTH {
-            self.violation(field, format!("is longer than {MAX_ID_LENGTH} characters"));
+            self.violation(field, format!("is longer than {MAX_ID_LENGTH} bytes"));
         }
     }
 
@@ -155,7 +155,7 @@ pub fn alias(request: AliasRequest, prefix: &str) -> Result<IngestedEvent, Vec<F
     if request.message_id.len() > MAX_ID_LENGTH {
         check.violation(
             "message_id",
-            format!("is longer than {MAX_ID_LENGTH} characters"),
+            format!("is longer than {MAX_ID_LENGTH} bytes"),
         );
     }
     check.finish(IngestedEvent {

@@ -309,8 +309,8 @@ async fn submit_form(
     {
         context.insert("userAgent".into(), agent.into());
     }
-    // The visitor's first-party anonymous id, when the tracking snippet
-    // set one; otherwise a new one for this submission.
+    // The visitor's anonymous id, when the form carries one (a page's own
+    // script may add an `anonymous_id` field); otherwise a new one.
     let anonymous_id = value_of("anonymous_id");
     let anonymous_id = if anonymous_id.is_empty() || anonymous_id.len() > 255 {
         rapport_core::ids::new_id().to_string()

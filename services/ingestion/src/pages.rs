@@ -45,6 +45,7 @@ pub fn check(page: &LandingPage) -> Result<(), ApiError> {
                     && name.len() <= 64
                     && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
                     && !UTM_PARAMETERS.contains(&name)
+                    && !RESERVED_FIELDS.contains(&name)
                     && name != HONEYPOT_FIELD;
                 if !valid {
                     violation(
@@ -95,6 +96,9 @@ fn url_is_http(text: &str) -> bool {
 
 /// The form field carrying the consent checkbox.
 pub const CONSENT_FIELD: &str = "email_consent";
+
+/// Field names the form handler gives a meaning of its own.
+const RESERVED_FIELDS: [&str; 2] = [CONSENT_FIELD, "anonymous_id"];
 
 pub struct StoredPage {
     pub workspace: WorkspaceId,

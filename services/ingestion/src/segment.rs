@@ -1,6 +1,6 @@
 //! The Segment-compatible tracking API: `POST /v1/track`, `/v1/identify`,
 //! `/v1/page`, `/v1/screen`, `/v1/group`, `/v1/alias` and `/v1/batch`, as
-//! Segment's and RudderStack's client libraries send them.
+//! Segment's client libraries send them (tested with segment-analytics-python).
 //!
 //! - Authentication: the workspace's write key as the HTTP Basic user name
 //!   (what the libraries send), or `writeKey` in the body.
@@ -200,7 +200,7 @@ fn parse_event(
     ] {
         if value.len() > 255 {
             return Err(Rejection::bad(format!(
-                "{path}.{name} is longer than 255 characters"
+                "{path}.{name} is longer than 255 bytes"
             )));
         }
     }
