@@ -9,7 +9,7 @@
 #     storage (installed with cargo the first time, about 10 minutes);
 #   - cargo-nextest, buf, and the Python tools the tests and checks use
 #     (aiosmtpd, prometheus-client, segment-analytics-python,
-#     kubernetes-validate; kubectl when missing).
+#     rudder-sdk-python, kubernetes-validate; kubectl when missing).
 #
 # Source it (`. deploy/local-stack.sh`) or run it. State (logs, pid files,
 # tools) lives in $RAPPORT_STATE_DIR, default /var/tmp/rapport.
@@ -120,9 +120,10 @@ pip_install() {
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@" 2>/dev/null ||
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "$@"
 }
-if ! PYTHONPATH="$PYTHON_DIR" python3 -c 'import aiosmtpd, prometheus_client, segment.analytics' 2>/dev/null; then
-  say "installing aiosmtpd, prometheus-client and segment-analytics-python into $PYTHON_DIR"
-  pip_install --target "$PYTHON_DIR" aiosmtpd==1.4.6 prometheus-client==0.21.1 segment-analytics-python==2.4.0
+if ! PYTHONPATH="$PYTHON_DIR" python3 -c 'import aiosmtpd, prometheus_client, segment.analytics, rudderstack.analytics' 2>/dev/null; then
+  say "installing aiosmtpd, prometheus-client and the Segment and RudderStack libraries into $PYTHON_DIR"
+  pip_install --target "$PYTHON_DIR" aiosmtpd==1.4.6 prometheus-client==0.21.1 \
+    segment-analytics-python==2.4.0 rudder-sdk-python==2.1.9
 fi
 if ! PYTHONPATH="$PYTHON_DIR" python3 -c 'import kubernetes_validate' 2>/dev/null; then
   say "installing kubernetes-validate into $PYTHON_DIR"

@@ -1,6 +1,6 @@
 //! The Segment-compatible tracking API, exercised with the official Segment
-//! Python library (segment-analytics-python) pointed at Rapport, and with
-//! the mistakes clients make.
+//! and RudderStack Python libraries pointed at Rapport, and with the
+//! mistakes clients make.
 
 mod support;
 
@@ -31,15 +31,25 @@ fn ingested(envelope: &Envelope) -> Option<&rapport_proto::events::v1::IngestedE
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_segment_library_works_unchanged() {
+    official_library_works_unchanged("segment").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_rudderstack_library_works_unchanged() {
+    official_library_works_unchanged("rudderstack").await;
+}
+
+async fn official_library_works_unchanged(library: &str) {
     let platform = Platform::start_on_kafka(Layout::OneProcess, Vec::new()).await;
     let acme = platform.create_workspace("Acme").await;
     let watcher = KafkaWatcher::start(&platform, rapport_bus::topics::INGESTED_EVENTS).await;
     let run = uuid::Uuid::new_v4().simple().to_string();
 
-    let script =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/segment_client.py");
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/analytics_client.py");
     let output = tokio::process::Command::new("python3")
         .arg(script)
+        .arg(library)
         .arg(platform.public_url())
         .arg(&acme.write_key)
         .arg(&run)

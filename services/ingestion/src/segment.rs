@@ -1,6 +1,7 @@
 //! The Segment-compatible tracking API: `POST /v1/track`, `/v1/identify`,
 //! `/v1/page`, `/v1/screen`, `/v1/group`, `/v1/alias` and `/v1/batch`, as
-//! Segment's client libraries send them (tested with segment-analytics-python).
+//! Segment's and RudderStack's client libraries send them (tested with
+//! segment-analytics-python and rudder-sdk-python).
 //!
 //! - Authentication: the workspace's write key as the HTTP Basic user name
 //!   (what the libraries send), or `writeKey` in the body.
@@ -258,7 +259,11 @@ fn parse_event(
         user_id,
         anonymous_id,
         properties,
-        traits: object(&format!("{path}.traits"), field("traits"))?,
+        // RudderStack's libraries send identify traits in context.traits.
+        traits: object(&format!("{path}.traits"), field("traits"))?.or(object(
+            &format!("{path}.context.traits"),
+            field("context").and_then(|context| context.get("traits")),
+        )?),
         context: object(&format!("{path}.context"), field("context"))?,
         timestamp: Some(to_timestamp(corrected)),
         received_at: Some(to_timestamp(received_at)),

@@ -1,7 +1,8 @@
-"""Drives Rapport's tracking API with the official Segment Python library
-(segment-analytics-python), unchanged but for its host.
+"""Drives Rapport's tracking API with an official client library, unchanged
+but for its host: Segment's (segment-analytics-python) or RudderStack's
+(rudder-sdk-python).
 
-Usage: segment_client.py HOST WRITE_KEY RUN_ID
+Usage: analytics_client.py segment|rudderstack HOST WRITE_KEY RUN_ID
 
 Sends identify, track, page, screen, group and alias calls, gzip-compressed,
 in one flush, and prints a JSON line with the errors the library reported
@@ -10,18 +11,25 @@ in one flush, and prints a JSON line with the errors the library reported
 import json
 import sys
 
-from segment import analytics
-
 
 def main():
-    host, write_key, run = sys.argv[1], sys.argv[2], sys.argv[3]
+    library, host, write_key, run = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    if library == "segment":
+        from segment import analytics
+    elif library == "rudderstack":
+        import rudderstack.analytics as analytics
+    else:
+        raise SystemExit(f"unknown library {library}")
     errors = []
 
     def on_error(error, items):
         errors.append(f"{error} ({len(items)} events)")
 
     analytics.write_key = write_key
-    analytics.host = host
+    if library == "rudderstack":
+        analytics.dataPlaneUrl = host
+    else:
+        analytics.host = host
     analytics.on_error = on_error
     analytics.gzip = True
     analytics.max_retries = 0
