@@ -421,3 +421,106 @@ async fn grpc_batches_are_validated_whole_deduplicated_and_streamed() {
     );
     assert!(watcher.envelopes_for(&format!("invalid-{run}")).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_broker_is_down_events_are_refused_not_dropped() {
+    use rapport_proto::ingestion::v1::TrackRequest;
+    use rapport_proto::ingestion::v1::ingestion_service_client::IngestionServiceClient;
+
+    let mut broker = support::OwnBroker::start().await;
+    let mut platform = Platform::start_on_brokers(
+        Layout::OneProcess,
+        &broker.address(),
+        vec![("RAPPORT_KAFKA__DELIVERY_TIMEOUT_MS".into(), "2000".into())],
+    )
+    .await;
+    let acme = platform.create_workspace("Acme").await;
+    let auth = basic(&acme.write_key);
+    let track_url = format!("{}/v1/track", platform.public_url());
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let up = http_with(
+        "POST",
+        &track_url,
+        &headers,
+        br#"{"userId":"u1","event":"Up","messageId":"up-1"}"#,
+    )
+    .await;
+    assert_eq!(up.status, 200, "{}", up.text());
+
+    broker.stop().await;
+    let refused = http_with(
+        "POST",
+        &track_url,
+        &headers,
+        br#"{"userId":"u1","event":"Down","messageId":"down-1"}"#,
+    )
+    .await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.header("retry-after"), Some("5"));
+    assert!(refused.text().contains("\"success\":false"));
+    let mut ingestion =
+        IngestionServiceClient::connect(platform.address_of(service_names::INGESTION))
+            .await
+            .expect("connect");
+    let track = || TrackRequest {
+        message_id: "down-2".into(),
+        event: "Down".into(),
+        user_id: "u1".into(),
+        ..Default::default()
+    };
+    let unavailable = ingestion
+        .track(with_key(track(), &acme.api_key))
+        .await
+        .expect_err("no success for an event the log did not take");
+    assert_eq!(unavailable.code(), tonic::Code::Unavailable);
+
+    // The broker comes back (empty); the client's retry goes through and is
+    // not mistaken for a duplicate.
+    broker.restart().await;
+    let output = platform.run(&["topics", "create"]).await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let watcher = KafkaWatcher::start(&platform, rapport_bus::topics::INGESTED_EVENTS).await;
+    let retried = eventually("the retry to be accepted", &platform, || {
+        let mut ingestion = ingestion.clone();
+        let key = acme.api_key.clone();
+        async move {
+            ingestion
+                .track(with_key(track(), &key))
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        }
+    })
+    .await;
+    assert!(
+        !retried.duplicate,
+        "the refused attempt left no dedupe mark"
+    );
+    let again = http_with(
+        "POST",
+        &track_url,
+        &headers,
+        br#"{"userId":"u1","event":"Down","messageId":"down-1"}"#,
+    )
+    .await;
+    assert_eq!(again.status, 200, "{}", again.text());
+    let events = eventually("the retried events on the new broker", &platform, || {
+        let events = watcher.envelopes_for("u1");
+        async move { (events.len() >= 2).then_some(events) }
+    })
+    .await;
+    let ids: std::collections::BTreeSet<String> = events
+        .iter()
+        .filter_map(ingested)
+        .map(|event| event.message_id.clone())
+        .collect();
+    assert!(ids.contains("down-1") && ids.contains("down-2"), "{ids:?}");
+    let _ = &mut platform;
+}

@@ -259,7 +259,16 @@ impl Platform {
 
     /// The services laid out as `layout`, over Kafka, with extra environment.
     pub async fn start_on_kafka(layout: Layout, extra_env: Vec<(String, String)>) -> Platform {
-        let mut platform = Platform::new(Some(kafka_brokers()), extra_env).await;
+        Platform::start_on_brokers(layout, &kafka_brokers(), extra_env).await
+    }
+
+    /// The services laid out as `layout`, over the Kafka broker at `brokers`.
+    pub async fn start_on_brokers(
+        layout: Layout,
+        brokers: &str,
+        extra_env: Vec<(String, String)>,
+    ) -> Platform {
+        let mut platform = Platform::new(Some(brokers.to_owned()), extra_env).await;
         let output = platform.run(&["topics", "create"]).await;
         assert!(
             output.status.success(),
@@ -907,4 +916,63 @@ pub fn sample_value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> 
         })
         .map(|sample| sample.value)
         .sum()
+}
+
+/// A tansu broker of a test's own (memory storage), for tests that stop the
+/// broker under the platform.
+pub struct OwnBroker {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl OwnBroker {
+    pub async fn start() -> OwnBroker {
+        let mut broker = OwnBroker {
+            port: free_port(),
+            child: None,
+        };
+        broker.restart().await;
+        broker
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker (again), empty: memory storage keeps nothing.
+    pub async fn restart(&mut self) {
+        let listener = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(std::env::var("TEST_TANSU").unwrap_or_else(|_| "tansu".into()))
+            .args([
+                "broker",
+                "--storage-engine",
+                "memory://tansu/",
+                "--listener-url",
+                &listener,
+                "--advertised-listener-url",
+                &listener,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("tansu runs (deploy/local-stack.sh installs it)");
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "tansu did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+            let _ = child.wait().await;
+        }
+    }
 }

@@ -93,6 +93,8 @@ fn connect_bus(config: &Config, services: &[ServiceKind]) -> anyhow::Result<Shar
         Some(brokers) => {
             let mut settings = rapport_bus::kafka::KafkaSettings::new(brokers);
             settings.namespace = config.kafka.namespace.clone();
+            settings.delivery_timeout =
+                std::time::Duration::from_millis(config.kafka.delivery_timeout_ms);
             settings.client_id = format!(
                 "rapport-{}",
                 services

@@ -50,7 +50,10 @@ impl KafkaSettings {
 
 pub struct KafkaBus {
     settings: KafkaSettings,
-    producer: FutureProducer,
+    /// Replaced when librdkafka reports a fatal error (for example the
+    /// broker lost the idempotent producer's state), since a producer in
+    /// that state never sends again.
+    producer: std::sync::RwLock<FutureProducer>,
 }
 
 impl KafkaBus {
@@ -59,8 +62,58 @@ impl KafkaBus {
     }
 
     pub fn connect(settings: KafkaSettings) -> Result<Self, BusError> {
+        let producer = Self::new_producer(&settings)?;
+        Ok(KafkaBus {
+            settings,
+            producer: std::sync::RwLock::new(producer),
+        })
+    }
+
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Replaces `failed` with a new producer if it cannot send any more: a
+    /// fatal error, or a broker that no longer knows its producer id (it
+    /// lost its state, or fenced the producer). Does nothing when another
+    /// caller replaced it already.
+    fn recover_from_fatal(&self, failed: &FutureProducer, code: Option<RDKafkaErrorCode>) {
+        let fenced = matches!(
+            code,
+            Some(
+                RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::InvalidProducerIdMapping
+            )
+        );
+        let fatal = failed.client().fatal_error();
+        if fatal.is_none() && !fenced {
+            return;
+        }
+        let mut current = self
+            .producer
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !std::ptr::eq(current.client().native_ptr(), failed.client().native_ptr()) {
+            return; // already replaced
+        }
+        match Self::new_producer(&self.settings) {
+            Ok(producer) => {
+                tracing::warn!(fatal = ?fatal, code = ?code, "kafka producer cannot send any more; replaced it");
+                *current = producer;
+            }
+            Err(error) => tracing::error!(%error, "cannot replace the failed kafka producer"),
+        }
+    }
+
+    fn new_producer(settings: &KafkaSettings) -> Result<FutureProducer, BusError> {
         let timeout_ms = settings.delivery_timeout.as_millis().to_string();
-        let producer: FutureProducer = ClientConfig::new()
+        ClientConfig::new()
             .set("bootstrap.servers", &settings.brokers)
             .set("client.id", &settings.client_id)
             .set("enable.idempotence", "true")
@@ -68,8 +121,7 @@ impl KafkaBus {
             .set("linger.ms", "5")
             .set("message.timeout.ms", &timeout_ms)
             .create()
-            .map_err(|error| BusError::Invalid(format!("kafka producer: {error}")))?;
-        Ok(KafkaBus { settings, producer })
+            .map_err(|error| BusError::Invalid(format!("kafka producer: {error}")))
     }
 
     fn admin(&self) -> Result<AdminClient<DefaultClientContext>, BusError> {
@@ -106,15 +158,19 @@ impl KafkaBus {
             .key(record.key.as_bytes())
             .payload(record.payload.as_slice())
             .headers(headers);
-        let result = self
-            .producer
+        let producer = self.producer();
+        let result = producer
             .send(
                 future_record,
                 Timeout::After(self.settings.delivery_timeout),
             )
             .await
             .map(|_| ())
-            .map_err(|(error, _)| classify(&error));
+            .map_err(|(error, _)| error);
+        if let Err(error) = &result {
+            self.recover_from_fatal(&producer, error.rdkafka_error_code());
+        }
+        let result = result.map_err(|error| classify(&error));
         let metrics = rapport_metrics::metrics();
         match &result {
             Ok(()) => metrics
@@ -344,7 +400,7 @@ impl EventBus for KafkaBus {
     }
 
     async fn ping(&self) -> Result<(), BusError> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         tokio::task::spawn_blocking(move || {
             producer
                 .client()
@@ -357,7 +413,7 @@ impl EventBus for KafkaBus {
     }
 
     async fn flush(&self, timeout: Duration) -> Result<(), BusError> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         tokio::task::spawn_blocking(move || {
             producer
                 .flush(Timeout::After(timeout))

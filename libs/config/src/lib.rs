@@ -172,6 +172,9 @@ pub struct KafkaConfig {
     /// Prefix of every topic and consumer-group name, for deployments that
     /// share a cluster (e.g. `staging.`). Empty by default.
     pub namespace: String,
+    /// How long a publish may wait for the broker's acknowledgement before
+    /// the caller is told the event log is unavailable, in milliseconds.
+    pub delivery_timeout_ms: u64,
 }
 
 impl Default for KafkaConfig {
@@ -182,6 +185,7 @@ impl Default for KafkaConfig {
             partitions: 12,
             replication_factor: 1,
             namespace: String::new(),
+            delivery_timeout_ms: 30_000,
         }
     }
 }
@@ -449,6 +453,12 @@ impl Config {
         if self.request_timeout_ms == 0 {
             return Err(ConfigError::Invalid {
                 key: "request_timeout_ms",
+                reason: "must be greater than 0".into(),
+            });
+        }
+        if self.kafka.delivery_timeout_ms == 0 {
+            return Err(ConfigError::Invalid {
+                key: "kafka.delivery_timeout_ms",
                 reason: "must be greater than 0".into(),
             });
         }
