@@ -168,6 +168,11 @@ impl Platform {
         env
     }
 
+    /// The URL of this platform's own database.
+    pub fn database_url(&self) -> &str {
+        &self.database_url
+    }
+
     /// Base URL of ingestion's public HTTP endpoint.
     pub fn public_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)

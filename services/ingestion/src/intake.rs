@@ -22,6 +22,8 @@ use sqlx::PgPool;
 pub struct Intake {
     pub pool: PgPool,
     pub bus: SharedBus,
+    /// Marks events with the workspace's intent signals before they leave.
+    pub rules: std::sync::Arc<crate::intent::IntentRules>,
 }
 
 pub struct Accepted {
@@ -148,6 +150,7 @@ impl Intake {
         let mut records = Vec::with_capacity(fresh.len());
         let mut kinds = Vec::with_capacity(fresh.len());
         let mut duplicate = Vec::with_capacity(message_ids.len());
+        let mut taken = Vec::with_capacity(fresh.len());
         for event in events {
             // The first event with a new id is taken; repeats are duplicates.
             if !fresh.remove(&event.message_id) {
@@ -155,6 +158,13 @@ impl Intake {
                 continue;
             }
             duplicate.push(false);
+            taken.push(event);
+        }
+        self.rules
+            .mark(&mut transaction, workspace, &mut taken)
+            .await
+            .map_err(map_db_error)?;
+        for event in taken {
             let key = [&event.contact_id, &event.user_id, &event.anonymous_id]
                 .into_iter()
                 .find(|id| !id.is_empty())

@@ -26,6 +26,7 @@ use tonic::{Request, Response, Status};
 mod events;
 mod http;
 mod intake;
+mod intent;
 mod pages;
 mod segment;
 
@@ -66,6 +67,7 @@ pub async fn build(
     let intake = intake::Intake {
         pool: pool.clone(),
         bus,
+        rules: Arc::new(intent::IntentRules::new(pool.clone())),
     };
     let (group_commit, group_commit_task) = intake::GroupCommit::spawn(intake.clone());
     let state = Arc::new(http::HttpState {
@@ -137,6 +139,14 @@ pub async fn build(
     })
 }
 
+fn intent_rule_proto(row: &rapport_db::definitions::DefinitionRow) -> Result<IntentRule, ApiError> {
+    let mut rule: IntentRule = prost::Message::decode(row.definition.as_slice())
+        .map_err(|error| ApiError::internal(&error))?;
+    rule.rule_id = row.id.to_string();
+    rule.create_time = Some(rapport_core::time::to_timestamp(row.created_at));
+    Ok(rule)
+}
+
 struct IngestionApi {
     intake: intake::Intake,
     group_commit: intake::GroupCommit,
@@ -148,6 +158,10 @@ struct IngestionApi {
 pub const MAX_BATCH_EVENTS: usize = 1000;
 
 impl IngestionApi {
+    fn intent_rules(&self) -> rapport_db::definitions::Definitions {
+        rapport_db::definitions::Definitions::new(self.pool.clone(), "intent_rules", "intent rule")
+    }
+
     async fn one(
         &self,
         workspace: rapport_core::WorkspaceId,
@@ -284,6 +298,55 @@ impl IngestionService for IngestionApi {
             totals.duplicates += i64::try_from(outcome.duplicates).unwrap_or(0);
         }
         Ok(Response::new(totals))
+    }
+
+    async fn create_intent_rule(
+        &self,
+        request: Request<CreateIntentRuleRequest>,
+    ) -> Result<Response<CreateIntentRuleResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let Some(rule) = request.into_inner().rule else {
+            return Err(ApiError::invalid_field("rule", "is required").into());
+        };
+        intent::check(&rule)?;
+        let stored = IntentRule {
+            signal: rule.signal.trim().to_owned(),
+            rule: rule.rule,
+            ..Default::default()
+        };
+        let row = self
+            .intent_rules()
+            .create(
+                workspace,
+                &stored.signal,
+                &prost::Message::encode_to_vec(&stored),
+            )
+            .await?;
+        self.intake.rules.forget(workspace);
+        Ok(Response::new(CreateIntentRuleResponse {
+            rule: Some(intent_rule_proto(&row)?),
+        }))
+    }
+
+    async fn list_intent_rules(
+        &self,
+        request: Request<ListIntentRulesRequest>,
+    ) -> Result<Response<ListIntentRulesResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let page =
+            rapport_core::paging::Page::<uuid::Uuid>::parse(request.get_ref().page.as_ref())?;
+        let rows = self
+            .intent_rules()
+            .list(workspace, page.after, page.fetch_limit())
+            .await?;
+        let (rows, page) = rapport_core::paging::finish_page(rows, page.size, |row| row.id);
+        Ok(Response::new(ListIntentRulesResponse {
+            rules: rows
+                .iter()
+                .map(intent_rule_proto)
+                .collect::<Result<_, _>>()?,
+            page: Some(page),
+        }))
     }
 
     async fn create_landing_page(
