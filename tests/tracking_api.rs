@@ -626,3 +626,89 @@ async fn intent_rules_mark_pricing_views_demo_requests_and_return_visits() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tracking_snippet_records_page_views_and_identifies_on_submit() {
+    let platform = Platform::start_on_kafka(Layout::OneProcess, Vec::new()).await;
+    let acme = platform.create_workspace("Acme").await;
+    let watcher = KafkaWatcher::start(&platform, rapport_bus::topics::INGESTED_EVENTS).await;
+
+    let preflight = http_with(
+        "OPTIONS",
+        &format!("{}/v1/page", platform.public_url()),
+        &[
+            ("Origin", "https://www.acme.example"),
+            ("Access-Control-Request-Method", "POST"),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(preflight.status, 204);
+    assert_eq!(preflight.header("access-control-allow-origin"), Some("*"));
+    assert!(
+        preflight
+            .header("access-control-allow-headers")
+            .is_some_and(|h| h.contains("Authorization"))
+    );
+
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let script =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/snippet_client.mjs");
+    let output = tokio::process::Command::new("node")
+        .arg(script)
+        .arg(platform.public_url())
+        .arg(&acme.write_key)
+        .arg(&run)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("node runs");
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let anonymous_id = printed["anonymousId"]
+        .as_str()
+        .expect("anonymous id")
+        .to_owned();
+
+    let events = eventually("the page view, track and identify", &platform, || {
+        let events = watcher.envelopes_for(&anonymous_id);
+        async move { (events.len() >= 3).then_some(events) }
+    })
+    .await;
+    let events: Vec<&rapport_proto::events::v1::IngestedEvent> =
+        events.iter().filter_map(ingested).collect();
+    let page = events
+        .iter()
+        .find(|e| e.kind() == Kind::Page)
+        .expect("page view");
+    let context = rapport_core::json::struct_to_json(page.context.as_ref().expect("context"));
+    assert_eq!(context["campaign"]["source"], "newsletter");
+    assert_eq!(context["campaign"]["name"], format!("spring-{run}"));
+    assert_eq!(
+        context["page"]["referrer"],
+        "https://search.example/?q=acme"
+    );
+    let properties =
+        rapport_core::json::struct_to_json(page.properties.as_ref().expect("properties"));
+    assert_eq!(properties["path"], "/pricing");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind() == Kind::Track && e.name == "Plan Selected")
+    );
+    let identify = events
+        .iter()
+        .find(|e| e.kind() == Kind::Identify)
+        .expect("identify on submit");
+    let traits = rapport_core::json::struct_to_json(identify.traits.as_ref().expect("traits"));
+    assert_eq!(traits["email"], format!("lead-{run}@example.com"));
+    assert!(
+        events.iter().all(|e| e.anonymous_id == anonymous_id),
+        "one anonymous id throughout"
+    );
+}

@@ -103,6 +103,7 @@ async fn trace_request(request: axum::extract::Request, next: axum::middleware::
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
+        .route("/t.js", get(snippet))
         .route("/p/{page_id}", get(landing_page))
         .route("/f/{form_id}", axum::routing::post(submit_form))
         .route("/o/{token}", get(open_pixel))
@@ -112,13 +113,34 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .merge(
             Router::new()
-                .route("/v1/track", axum::routing::post(segment::track))
-                .route("/v1/identify", axum::routing::post(segment::identify))
-                .route("/v1/page", axum::routing::post(segment::page))
-                .route("/v1/screen", axum::routing::post(segment::screen))
-                .route("/v1/group", axum::routing::post(segment::group))
-                .route("/v1/alias", axum::routing::post(segment::alias))
-                .route("/v1/batch", axum::routing::post(segment::batch))
+                .route(
+                    "/v1/track",
+                    axum::routing::post(segment::track).options(preflight),
+                )
+                .route(
+                    "/v1/identify",
+                    axum::routing::post(segment::identify).options(preflight),
+                )
+                .route(
+                    "/v1/page",
+                    axum::routing::post(segment::page).options(preflight),
+                )
+                .route(
+                    "/v1/screen",
+                    axum::routing::post(segment::screen).options(preflight),
+                )
+                .route(
+                    "/v1/group",
+                    axum::routing::post(segment::group).options(preflight),
+                )
+                .route(
+                    "/v1/alias",
+                    axum::routing::post(segment::alias).options(preflight),
+                )
+                .route(
+                    "/v1/batch",
+                    axum::routing::post(segment::batch).options(preflight),
+                )
                 .route_layer(axum::middleware::from_fn(trace_request))
                 .layer(axum::extract::DefaultBodyLimit::max(
                     segment::MAX_WIRE_BYTES,
@@ -454,4 +476,37 @@ async fn unsubscribe(State(state): State<Arc<HttpState>>, Path(raw): Path<String
         .into_response(),
         Err(error) => error_page(&error),
     }
+}
+
+/// The tracking snippet, cached for an hour by browsers and CDNs.
+async fn snippet() -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                "application/javascript; charset=utf-8",
+            ),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        include_str!("../assets/rapport.js"),
+    )
+        .into_response()
+}
+
+/// CORS preflight for the tracking API: pages on any site post to it with
+/// their write key, which is public by design.
+async fn preflight() -> Response {
+    (
+        StatusCode::NO_CONTENT,
+        [
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+            (header::ACCESS_CONTROL_ALLOW_METHODS, "POST, OPTIONS"),
+            (
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                "Authorization, Content-Type, Content-Encoding",
+            ),
+            (header::ACCESS_CONTROL_MAX_AGE, "86400"),
+        ],
+    )
+        .into_response()
 }

@@ -60,6 +60,10 @@ impl IntoResponse for Rejection {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "success": false, "error": self.message });
         let mut response = (self.status, axum::Json(body)).into_response();
+        response.headers_mut().insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
@@ -320,7 +324,12 @@ async fn accept_all(
             message: error.message,
         });
     }
-    Ok(axum::Json(serde_json::json!({ "success": true })).into_response())
+    let mut response = axum::Json(serde_json::json!({ "success": true })).into_response();
+    response.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    Ok(response)
 }
 
 async fn single(
