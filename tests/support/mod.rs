@@ -243,10 +243,7 @@ impl Platform {
 
     /// Every service in one `rapport serve` process, on the in-process bus.
     pub async fn start_single_process() -> Platform {
-        let mut platform = Platform::new(None, Vec::new()).await;
-        platform.spawn("all", &["serve"]);
-        platform.wait_until_serving().await;
-        platform
+        Platform::start_in_memory(Vec::new()).await
     }
 
     /// Every service in one process on the in-process bus, with extra environment.
@@ -309,16 +306,7 @@ impl Platform {
         let (_, mut child) = self.children.remove(index);
         child.kill().await.expect("kill");
         let _ = child.wait().await;
-        let args = self
-            .commands
-            .iter()
-            .find(|(l, _)| l == label)
-            .map(|(_, args)| args.clone())
-            .expect("known command");
-        self.restarts += 1;
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.launch(label, &args);
-        self.wait_until_serving().await;
+        self.start_again(label).await;
     }
 
     pub fn kafka_brokers(&self) -> String {

@@ -17,6 +17,7 @@ use sqlx::{ConnectOptions, PgPool, Postgres};
 pub mod definitions;
 pub mod error;
 pub mod outbox;
+pub mod processed;
 
 pub use error::{DbError, map_db_error};
 

@@ -32,70 +32,16 @@ pub struct Accepted {
 }
 
 impl Intake {
+    /// Accepts one event: a batch of one.
     pub async fn accept(
         &self,
         workspace: WorkspaceId,
-        mut event: IngestedEvent,
+        event: IngestedEvent,
     ) -> Result<Accepted, ApiError> {
-        if event.message_id.trim().is_empty() {
-            event.message_id = rapport_core::ids::new_id().to_string();
-        }
-        let mut transaction = self.pool.begin().await.map_err(map_db_error)?;
-        let first_time = sqlx::query(
-            "INSERT INTO seen_messages (workspace_id, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(workspace.0)
-        .bind(&event.message_id)
-        .execute(&mut *transaction)
-        .await
-        .map_err(map_db_error)?
-        .rows_affected()
-            == 1;
-        if !first_time {
-            rapport_metrics::metrics()
-                .events_ingested
-                .with_label_values(&["duplicate"])
-                .inc();
-            return Ok(Accepted {
-                message_id: event.message_id,
-                duplicate: true,
-            });
-        }
-        let now = to_timestamp(Utc::now());
-        event.received_at = Some(now);
-        if event.timestamp.is_none() {
-            event.timestamp = Some(now);
-        }
-        let key = [&event.contact_id, &event.user_id, &event.anonymous_id]
-            .into_iter()
-            .find(|id| !id.is_empty())
-            .cloned()
-            .unwrap_or_else(|| event.message_id.clone());
-        let message_id = event.message_id.clone();
-        let kind = event
-            .kind()
-            .as_str_name()
-            .trim_start_matches("KIND_")
-            .to_ascii_lowercase();
-        let envelope = envelope::new_envelope(
-            &workspace.to_string(),
-            "ingestion",
-            Payload::IngestedEvent(event),
-        );
-        let record = envelope::to_record(topics::INGESTED_EVENTS, &key, &envelope);
-        if let Err(error) = self.bus.publish(record).await {
-            tracing::warn!(%error, "event bus refused an event");
-            let _ = transaction.rollback().await;
-            return Err(ApiError::unavailable("event log unavailable; retry"));
-        }
-        transaction.commit().await.map_err(map_db_error)?;
-        rapport_metrics::metrics()
-            .events_ingested
-            .with_label_values(&[kind.as_str()])
-            .inc();
+        let outcome = self.accept_batch(workspace, vec![event]).await?;
         Ok(Accepted {
-            message_id,
-            duplicate: false,
+            message_id: outcome.message_ids.into_iter().next().unwrap_or_default(),
+            duplicate: outcome.duplicate.first().copied().unwrap_or(false),
         })
     }
 }

@@ -57,18 +57,17 @@ impl Handler for FeedbackHandler {
 
         let retryable = |error: sqlx::Error| HandlerError::Retryable(error.to_string());
         let mut transaction = self.pool.begin().await.map_err(retryable)?;
-        let first_time = sqlx::query(
-            "INSERT INTO processed_events (workspace_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(workspace)
         // The ingestion message id: a republished event has a new envelope
         // event id but the same message id.
-        .bind(if event.message_id.is_empty() { &incoming.event_id } else { &event.message_id })
-        .execute(&mut *transaction)
-        .await
-        .map_err(retryable)?
-        .rows_affected()
-            == 1;
+        let event_id = if event.message_id.is_empty() {
+            &incoming.event_id
+        } else {
+            &event.message_id
+        };
+        let first_time =
+            rapport_db::processed::mark_processed(&mut transaction, workspace, event_id)
+                .await
+                .map_err(retryable)?;
         if !first_time {
             return Ok(());
         }

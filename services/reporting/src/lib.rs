@@ -90,23 +90,6 @@ impl Handler for Rollups {
 }
 
 impl Rollups {
-    /// Records `event_id` as processed; false when it already was.
-    async fn first_time(
-        transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        workspace: uuid::Uuid,
-        event_id: &str,
-    ) -> Result<bool, sqlx::Error> {
-        Ok(sqlx::query(
-            "INSERT INTO processed_events (workspace_id, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(workspace)
-        .bind(event_id)
-        .execute(&mut **transaction)
-        .await?
-        .rows_affected()
-            == 1)
-    }
-
     async fn count_lead(
         &self,
         workspace: uuid::Uuid,
@@ -123,7 +106,7 @@ impl Rollups {
         }
         let retryable = |error: sqlx::Error| HandlerError::Retryable(error.to_string());
         let mut transaction = self.pool.begin().await.map_err(retryable)?;
-        if Self::first_time(&mut transaction, workspace, event_id)
+        if rapport_db::processed::mark_processed(&mut transaction, workspace, event_id)
             .await
             .map_err(retryable)?
         {
@@ -159,7 +142,7 @@ impl Rollups {
         };
         let retryable = |error: sqlx::Error| HandlerError::Retryable(error.to_string());
         let mut transaction = self.pool.begin().await.map_err(retryable)?;
-        if Self::first_time(&mut transaction, workspace, event_id)
+        if rapport_db::processed::mark_processed(&mut transaction, workspace, event_id)
             .await
             .map_err(retryable)?
         {
