@@ -251,11 +251,13 @@ async fn run_play(layout: Layout, automation_process: &str, interruption: Interr
                                 name: "email".into(),
                                 label: "Email".into(),
                                 required: true,
+                                ..Default::default()
                             },
                             FormField {
                                 name: "first_name".into(),
                                 label: "First name".into(),
                                 required: false,
+                                ..Default::default()
                             },
                         ],
                         submit_label: "Send me the guide".into(),

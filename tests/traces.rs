@@ -109,6 +109,7 @@ async fn a_form_submission_is_one_trace_across_services_and_kafka() {
                             name: "email".into(),
                             label: "Email".into(),
                             required: true,
+                            ..Default::default()
                         }],
                         ..Default::default()
                     }),

@@ -47,9 +47,9 @@ pub struct TopicInfo {
 pub const CATALOGUE: [TopicInfo; 7] = [
     TopicInfo {
         name: CONTACT_CHANGES,
-        payload: "ContactChanged",
+        payload: "ContactChanged, ConsentRequested",
         producer: "contacts",
-        consumers: &["segmentation", "reporting"],
+        consumers: &["segmentation", "reporting", "messaging"],
         retention_days: 7,
     },
     TopicInfo {

@@ -160,6 +160,9 @@ pub enum TrackingKind {
     /// The unsubscribe link of a message.
     #[serde(rename = "u")]
     Unsubscribe,
+    /// The confirmation link of a double opt-in.
+    #[serde(rename = "v")]
+    ConfirmOptIn,
 }
 
 /// The payload of a tracking token (short keys keep URLs short).

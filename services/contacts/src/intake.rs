@@ -10,8 +10,10 @@ use rapport_core::json::struct_to_json;
 use rapport_proto::events::v1::envelope::Payload;
 use rapport_proto::events::v1::ingested_event::Kind;
 
-use crate::store::{ContactInput, Store};
+use crate::consent::{Channel, ConsentChange};
+use crate::store::{ConfirmationRequest, ContactInput, Store};
 use crate::validate::{normalise_email, normalise_phone};
+use rapport_proto::common::v1::ConsentStatus;
 
 pub struct IngestedEventHandler {
     pub store: Arc<Store>,
@@ -32,13 +34,37 @@ impl Handler for IngestedEventHandler {
         let Some(Payload::IngestedEvent(event)) = envelope.payload else {
             return Ok(());
         };
-        if !matches!(event.kind(), Kind::Identify | Kind::FormSubmitted) {
-            return Ok(());
-        }
         let workspace: WorkspaceId = envelope
             .workspace_id
             .parse()
             .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
+        let consent = match event.kind() {
+            Kind::Identify | Kind::FormSubmitted => None,
+            Kind::OptInConfirmed => Some(ConsentChange::new(
+                ConsentStatus::Subscribed,
+                "double_opt_in_confirmed",
+            )),
+            Kind::Unsubscribed => Some(ConsentChange::new(
+                ConsentStatus::Unsubscribed,
+                "unsubscribed",
+            )),
+            _ => return Ok(()),
+        };
+        if let Some(change) = consent {
+            let Ok(contact_id) = event.contact_id.parse() else {
+                return Ok(());
+            };
+            return match self
+                .store
+                .set_consent(workspace, contact_id, Channel::Email, change)
+                .await
+            {
+                Ok(_) => Ok(()),
+                // Erased or never here: nothing to record.
+                Err(error) if error.code == rapport_core::ErrorCode::NotFound => Ok(()),
+                Err(error) => Err(retry_or_fail(error)),
+            };
+        }
         let traits = event
             .traits
             .as_ref()
@@ -73,6 +99,23 @@ impl Handler for IngestedEventHandler {
         } else {
             "identify"
         };
+        let email_consent = match traits.get("email_consent") {
+            Some(serde_json::Value::Bool(true)) => Some(ConsentStatus::Subscribed),
+            Some(serde_json::Value::String(text)) if text == "pending" => {
+                Some(ConsentStatus::Pending)
+            }
+            _ => None,
+        }
+        .map(|status| ConsentChange::new(status, default_source));
+        let template = text(&properties, &["confirmation_template"]);
+        let confirmation =
+            (event.kind() == Kind::FormSubmitted && !template.is_empty()).then(|| {
+                ConfirmationRequest {
+                    template,
+                    form_id: text(&properties, &["form_id"]),
+                    request_id: event.message_id.clone(),
+                }
+            });
         let input = ContactInput {
             email,
             phone: normalise_phone(&text(&traits, &["phone"])).unwrap_or_default(),
@@ -83,28 +126,36 @@ impl Handler for IngestedEventHandler {
             tags: Vec::new(),
             attributes: custom_traits(&traits),
             source: utm_source.unwrap_or_else(|| default_source.to_owned()),
+            email_consent,
+            sms_consent: None,
+            confirmation,
         };
         match self.store.upsert(workspace, None, input).await {
             Ok(_) => Ok(()),
-            // ALREADY_EXISTS: another writer created the same email a moment
-            // ago; the retry finds it and updates it instead.
-            Err(error)
-                if error.code.is_retryable()
-                    || matches!(
-                        error.code,
-                        rapport_core::ErrorCode::Internal | rapport_core::ErrorCode::AlreadyExists
-                    ) =>
-            {
-                Err(HandlerError::Retryable(error.message))
-            }
-            Err(error) => Err(HandlerError::Permanent(error.message)),
+            Err(error) => Err(retry_or_fail(error)),
         }
+    }
+}
+
+/// ALREADY_EXISTS means another writer created the same email a moment ago;
+/// the retry finds it and updates it instead.
+fn retry_or_fail(error: rapport_core::ApiError) -> HandlerError {
+    if error.code.is_retryable()
+        || matches!(
+            error.code,
+            rapport_core::ErrorCode::Internal | rapport_core::ErrorCode::AlreadyExists
+        )
+    {
+        HandlerError::Retryable(error.message)
+    } else {
+        HandlerError::Permanent(error.message)
     }
 }
 
 /// Standard contact fields, which traits fill directly; other traits become
 /// custom attributes.
-const STANDARD_TRAITS: [&str; 9] = [
+const STANDARD_TRAITS: [&str; 10] = [
+    "email_consent",
     "email",
     "phone",
     "first_name",

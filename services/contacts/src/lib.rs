@@ -14,6 +14,7 @@ use rapport_proto::contacts::v1::contacts_service_server::ContactsServiceServer;
 use sqlx::PgPool;
 
 mod api;
+mod consent;
 mod intake;
 mod store;
 mod validate;

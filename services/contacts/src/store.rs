@@ -7,12 +7,15 @@ use rapport_core::time::to_timestamp;
 use rapport_core::{ApiError, WorkspaceId};
 use rapport_db::map_db_error;
 use rapport_db::outbox::{self, OutboxWaker};
+use rapport_proto::common::v1::{Consent, ConsentStatus};
 use rapport_proto::contacts::v1::Contact;
 use rapport_proto::events::v1::contact_changed::ChangeType;
 use rapport_proto::events::v1::envelope::Payload;
-use rapport_proto::events::v1::{ContactChanged, ContactSnapshot};
+use rapport_proto::events::v1::{ConsentRequested, ContactChanged, ContactSnapshot};
 use sqlx::{FromRow, PgPool};
 use uuid::Uuid;
+
+use crate::consent::{self, Channel, ConsentChange, ConsentState, status_text};
 
 #[derive(Debug, Clone, FromRow, PartialEq)]
 pub struct ContactRow {
@@ -28,9 +31,30 @@ pub struct ContactRow {
     pub source: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub email_consent: String,
+    pub email_consent_reason: String,
+    pub email_consent_at: Option<DateTime<Utc>>,
+    pub sms_consent: String,
+    pub sms_consent_reason: String,
+    pub sms_consent_at: Option<DateTime<Utc>>,
 }
 
 impl ContactRow {
+    pub fn consent(&self, channel: Channel) -> ConsentState {
+        match channel {
+            Channel::Email => ConsentState {
+                status: self.email_consent.clone(),
+                reason: self.email_consent_reason.clone(),
+                changed_at: self.email_consent_at,
+            },
+            Channel::Sms => ConsentState {
+                status: self.sms_consent.clone(),
+                reason: self.sms_consent_reason.clone(),
+                changed_at: self.sms_consent_at,
+            },
+        }
+    }
+
     pub fn to_proto(&self) -> Contact {
         Contact {
             contact_id: self.contact_id.to_string(),
@@ -45,6 +69,8 @@ impl ContactRow {
             create_time: Some(to_timestamp(self.created_at)),
             update_time: Some(to_timestamp(self.updated_at)),
             source: self.source.clone(),
+            email_consent: Some(self.consent(Channel::Email).to_proto()),
+            sms_consent: Some(self.consent(Channel::Sms).to_proto()),
         }
     }
 
@@ -62,6 +88,8 @@ impl ContactRow {
             create_time: Some(to_timestamp(self.created_at)),
             update_time: Some(to_timestamp(self.updated_at)),
             source: self.source.clone(),
+            email_consent: Some(self.consent(Channel::Email).to_proto()),
+            sms_consent: Some(self.consent(Channel::Sms).to_proto()),
         }
     }
 }
@@ -78,6 +106,18 @@ pub struct ContactInput {
     pub tags: Vec<String>,
     pub attributes: serde_json::Value,
     pub source: String,
+    pub email_consent: Option<ConsentChange>,
+    pub sms_consent: Option<ConsentChange>,
+    /// A double opt-in form asked for email consent: when it is pending
+    /// after this write, the confirmation is requested.
+    pub confirmation: Option<ConfirmationRequest>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConfirmationRequest {
+    pub template: String,
+    pub form_id: String,
+    pub request_id: String,
 }
 
 impl ContactInput {
@@ -105,8 +145,25 @@ impl ContactInput {
             tags,
             attributes,
             source: contact.source.trim().to_owned(),
+            email_consent: consent_from_proto(contact.email_consent.as_ref()),
+            sms_consent: consent_from_proto(contact.sms_consent.as_ref()),
+            confirmation: None,
         }
     }
+}
+
+/// A consent an API caller set: a status other than unspecified.
+fn consent_from_proto(consent: Option<&Consent>) -> Option<ConsentChange> {
+    let consent = consent?;
+    let status = consent.status();
+    if status == ConsentStatus::Unspecified {
+        return None;
+    }
+    let reason = match consent.reason.trim() {
+        "" => "api",
+        reason => reason,
+    };
+    Some(ConsentChange::new(status, reason))
 }
 
 impl ContactInput {
@@ -150,7 +207,8 @@ pub struct Store {
     waker: OutboxWaker,
 }
 
-const COLUMNS: &str = "contact_id, email, phone, first_name, last_name, company, lifecycle_stage, tags, attributes, source, created_at, updated_at";
+const COLUMNS: &str = "contact_id, email, phone, first_name, last_name, company, lifecycle_stage, tags, attributes, source, created_at, updated_at, \
+    email_consent, email_consent_reason, email_consent_at, sms_consent, sms_consent_reason, sms_consent_at";
 
 impl Store {
     pub fn new(pool: PgPool, waker: OutboxWaker) -> Self {
@@ -235,7 +293,7 @@ impl Store {
         &self,
         workspace: WorkspaceId,
         request_id: Option<&str>,
-        input: ContactInput,
+        mut input: ContactInput,
     ) -> Result<UpsertOutcome, ApiError> {
         let mut transaction = self.pool.begin().await.map_err(map_db_error)?;
         if let Some(request_id) = request_id {
@@ -261,6 +319,14 @@ impl Store {
             }
         }
 
+        let consent_changes: Vec<(Channel, ConsentChange)> = [
+            (Channel::Email, input.email_consent.take()),
+            (Channel::Sms, input.sms_consent.take()),
+        ]
+        .into_iter()
+        .filter_map(|(channel, change)| change.map(|change| (channel, change)))
+        .collect();
+        let confirmation = input.confirmation.take();
         let existing = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM contacts WHERE workspace_id = $1 AND email = $2 FOR UPDATE"
         )))
@@ -352,10 +418,46 @@ impl Store {
             }
         };
 
+        let (contact, change) = apply_consent(
+            &mut transaction,
+            workspace,
+            contact,
+            change,
+            &consent_changes,
+            created,
+        )
+        .await?;
         if let Some(event) = event_record(workspace, change) {
             outbox::enqueue(&mut transaction, &event)
                 .await
                 .map_err(map_db_error)?;
+        }
+        if let Some(request) = &confirmation
+            && contact.consent(Channel::Email).status() == ConsentStatus::Pending
+        {
+            let requested = ConsentRequested {
+                contact_id: contact.contact_id.to_string(),
+                channel: "email".into(),
+                email: contact.email.clone(),
+                template: request.template.clone(),
+                form_id: request.form_id.clone(),
+                request_id: request.request_id.clone(),
+            };
+            let envelope = envelope::new_envelope(
+                &workspace.to_string(),
+                "contacts",
+                Payload::ConsentRequested(requested),
+            );
+            outbox::enqueue(
+                &mut transaction,
+                &envelope::to_record(
+                    topics::CONTACT_CHANGES,
+                    &contact.contact_id.to_string(),
+                    &envelope,
+                ),
+            )
+            .await
+            .map_err(map_db_error)?;
         }
         if let Some(request_id) = request_id {
             sqlx::query("INSERT INTO upsert_requests (workspace_id, request_id, contact_id, created) VALUES ($1, $2, $3, $4)")
@@ -425,4 +527,108 @@ pub fn attributes_json(contact: &Contact) -> serde_json::Value {
         .as_ref()
         .map(struct_to_json)
         .unwrap_or_else(|| serde_json::Value::Object(Default::default()))
+}
+
+impl Store {
+    /// Sets one channel's consent of a contact found by id (a confirmation
+    /// link followed, an unsubscribe, a bounce). NOT_FOUND when the contact
+    /// is not in the workspace.
+    pub async fn set_consent(
+        &self,
+        workspace: WorkspaceId,
+        contact_id: Uuid,
+        channel: Channel,
+        change: ConsentChange,
+    ) -> Result<ContactRow, ApiError> {
+        let mut transaction = self.pool.begin().await.map_err(map_db_error)?;
+        let contact = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM contacts WHERE workspace_id = $1 AND contact_id = $2 FOR UPDATE"
+        )))
+        .bind(workspace.0)
+        .bind(contact_id)
+        .fetch_optional(&mut *transaction)
+        .await
+        .map_err(map_db_error)?
+        .ok_or_else(|| ApiError::not_found(format!("contact {contact_id}")))?;
+        let source = change.reason.clone();
+        let (contact, change) = apply_consent(
+            &mut transaction,
+            workspace,
+            contact,
+            None,
+            &[(channel, change)],
+            false,
+        )
+        .await?;
+        if let Some(mut change) = change {
+            change.source = source;
+            if let Some(event) = event_record(workspace, Some(change)) {
+                outbox::enqueue(&mut transaction, &event)
+                    .await
+                    .map_err(map_db_error)?;
+            }
+        }
+        transaction.commit().await.map_err(map_db_error)?;
+        self.waker.wake();
+        Ok(contact)
+    }
+}
+
+/// Applies consent changes to a contact just written (or read) in
+/// `transaction`, logs them, and folds them into the contact's change event
+/// (making an update event when there was none).
+async fn apply_consent(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    workspace: WorkspaceId,
+    mut contact: ContactRow,
+    mut change: Option<ContactChanged>,
+    changes: &[(Channel, ConsentChange)],
+    created: bool,
+) -> Result<(ContactRow, Option<ContactChanged>), ApiError> {
+    let mut changed = Vec::new();
+    for (channel, requested) in changes {
+        let current = contact.consent(*channel).status();
+        let Some(next) = consent::next(current, requested) else {
+            continue;
+        };
+        let column = channel.as_str();
+        contact = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
+            "UPDATE contacts SET {column}_consent = $3, {column}_consent_reason = $4, {column}_consent_at = now(), updated_at = now()
+             WHERE workspace_id = $1 AND contact_id = $2 RETURNING {COLUMNS}"
+        )))
+        .bind(workspace.0)
+        .bind(contact.contact_id)
+        .bind(status_text(next))
+        .bind(&requested.reason)
+        .fetch_one(&mut **transaction)
+        .await
+        .map_err(map_db_error)?;
+        sqlx::query(
+            "INSERT INTO consent_changes (workspace_id, contact_id, channel, status, previous_status, reason)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(workspace.0)
+        .bind(contact.contact_id)
+        .bind(column)
+        .bind(status_text(next))
+        .bind(status_text(current))
+        .bind(&requested.reason)
+        .execute(&mut **transaction)
+        .await
+        .map_err(map_db_error)?;
+        changed.push(format!("{column}_consent"));
+    }
+    if changed.is_empty() {
+        return Ok((contact, change));
+    }
+    let mut event = change.take().unwrap_or_else(|| ContactChanged {
+        contact_id: contact.contact_id.to_string(),
+        change_type: ChangeType::Updated.into(),
+        ..Default::default()
+    });
+    if !created {
+        event.changed_fields.extend(changed);
+    }
+    event.contact = Some(contact.snapshot());
+    Ok((contact, Some(event)))
 }

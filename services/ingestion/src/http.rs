@@ -15,6 +15,7 @@ use rapport_core::signing::{Signer, TrackingKind, TrackingToken};
 use rapport_core::{ApiError, WorkspaceId};
 use rapport_proto::events::v1::IngestedEvent;
 use rapport_proto::events::v1::ingested_event::Kind;
+use rapport_proto::ingestion::v1::{FieldType, FormField};
 
 use crate::intake::Intake;
 use crate::{pages, segment};
@@ -109,6 +110,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/o/{token}", get(open_pixel))
         .route("/c/{token}", get(click))
         .route("/u/{token}", get(unsubscribe_page).post(unsubscribe))
+        .route("/confirm/{token}", get(confirm_page).post(confirm))
         .route_layer(axum::middleware::from_fn(trace_request))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .merge(
@@ -202,6 +204,45 @@ async fn landing_page(
     }
 }
 
+/// Checks one submitted value against its field's rules.
+fn check_value(field: &FormField, value: &str) -> Result<(), &'static str> {
+    if value.chars().count() > pages::max_chars(field) {
+        return Err("is too long");
+    }
+    let kind = match field.name.as_str() {
+        "email" => FieldType::Email,
+        _ => field.r#type(),
+    };
+    match kind {
+        FieldType::Email if !looks_like_email(value) => return Err("is not an email address"),
+        FieldType::Phone if !looks_like_phone(value) => {
+            return Err("is not a phone number with its country code (+44 20 7946 0958)");
+        }
+        FieldType::Number if value.parse::<f64>().map_or(true, |n| !n.is_finite()) => {
+            return Err("is not a number");
+        }
+        _ => {}
+    }
+    if !field.pattern.is_empty()
+        && !pages::pattern(&field.pattern).is_some_and(|pattern| pattern.is_match(value))
+    {
+        return Err("is not in the expected format");
+    }
+    Ok(())
+}
+
+fn looks_like_phone(value: &str) -> bool {
+    let compact: String = value
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '(' | ')' | '.'))
+        .collect();
+    compact.strip_prefix('+').is_some_and(|digits| {
+        (8..=15).contains(&digits.len())
+            && digits.chars().all(|c| c.is_ascii_digit())
+            && !digits.starts_with('0')
+    })
+}
+
 fn looks_like_email(value: &str) -> bool {
     let Some((local, domain)) = value.split_once('@') else {
         return false;
@@ -274,12 +315,8 @@ async fn submit_form(
             }
             continue;
         }
-        if value.len() > 500 {
-            problems.push(format!("{label} is too long."));
-            continue;
-        }
-        if field.name == "email" && !looks_like_email(&value) {
-            problems.push(format!("{label} is not an email address."));
+        if let Err(problem) = check_value(field, &value) {
+            problems.push(format!("{label} {problem}."));
             continue;
         }
         traits.insert(field.name.clone(), serde_json::Value::String(value));
@@ -289,10 +326,14 @@ async fn submit_form(
         if form.consent_required && !consented {
             problems.push(format!("{} is required.", form.consent_label.trim()));
         }
-        traits.insert(
-            pages::CONSENT_FIELD.into(),
-            serde_json::Value::Bool(consented),
-        );
+        // With double opt-in, consent stays pending until the person
+        // follows the link in the confirmation email.
+        let consent = if consented && form.double_opt_in {
+            serde_json::Value::String("pending".into())
+        } else {
+            serde_json::Value::Bool(consented)
+        };
+        traits.insert(pages::CONSENT_FIELD.into(), consent);
     }
     if traits.get("email").is_none() && problems.is_empty() {
         problems.push("An email address is required.".to_owned());
@@ -310,6 +351,12 @@ async fn submit_form(
     let mut properties = serde_json::Map::new();
     properties.insert("form_id".into(), form_id.to_string().into());
     properties.insert("page_id".into(), stored.page.page_id.clone().into());
+    if form.double_opt_in && !value_of(pages::CONSENT_FIELD).is_empty() {
+        properties.insert(
+            "confirmation_template".into(),
+            form.confirmation_template.trim().into(),
+        );
+    }
     let mut campaign = serde_json::Map::new();
     for name in pages::UTM_PARAMETERS {
         let value = value_of(name);
@@ -472,6 +519,43 @@ async fn unsubscribe(State(state): State<Arc<HttpState>>, Path(raw): Path<String
         Ok(()) => Html(pages::render_message(
             "Unsubscribed",
             "You will not get these emails any more.",
+        ))
+        .into_response(),
+        Err(error) => error_page(&error),
+    }
+}
+
+/// The link in a double opt-in email. Following it shows a button rather
+/// than confirming at once, so mail scanners that open links do not
+/// subscribe anyone.
+async fn confirm_page(State(state): State<Arc<HttpState>>, Path(raw): Path<String>) -> Response {
+    if token(&state, &raw, TrackingKind::ConfirmOptIn).is_none() {
+        return not_found("link");
+    }
+    Html(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Confirm your subscription</title></head><body>\
+         <h1>Confirm your subscription</h1><p>Press the button to start getting our emails.</p>\
+         <form method=\"post\"><button type=\"submit\">Confirm</button></form></body></html>",
+    )
+    .into_response()
+}
+
+async fn confirm(State(state): State<Arc<HttpState>>, Path(raw): Path<String>) -> Response {
+    let Some((workspace, token)) = token(&state, &raw, TrackingKind::ConfirmOptIn) else {
+        return not_found("link");
+    };
+    match record(
+        &state,
+        workspace,
+        &token,
+        Kind::OptInConfirmed,
+        "Opt-In Confirmed",
+    )
+    .await
+    {
+        Ok(()) => Html(pages::render_message(
+            "Subscription confirmed",
+            "Thank you: you will now get our emails.",
         ))
         .into_response(),
         Err(error) => error_page(&error),

@@ -4,7 +4,7 @@ use html_escape::{encode_double_quoted_attribute as attr, encode_text as text};
 use prost::Message;
 use rapport_core::{ApiError, ErrorCode, FieldViolation, WorkspaceId};
 use rapport_db::map_db_error;
-use rapport_proto::ingestion::v1::{Form, LandingPage};
+use rapport_proto::ingestion::v1::{FieldType, Form, LandingPage};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -58,6 +58,24 @@ pub fn check(page: &LandingPage) -> Result<(), ApiError> {
                         "is used by an earlier field",
                     );
                 }
+                if FieldType::try_from(field.r#type).is_err() {
+                    violation(
+                        format!("page.form.fields[{index}].type"),
+                        "is not a known field type",
+                    );
+                }
+                if !(0..=MAX_VALUE_CHARS as i32).contains(&field.max_length) {
+                    violation(
+                        format!("page.form.fields[{index}].max_length"),
+                        "must be 0 to 500",
+                    );
+                }
+                if !field.pattern.is_empty() && pattern(&field.pattern).is_none() {
+                    violation(
+                        format!("page.form.fields[{index}].pattern"),
+                        "must be a regular expression of up to 200 characters",
+                    );
+                }
             }
             if !form.fields.iter().any(|f| f.name.trim() == "email") {
                 violation(
@@ -72,12 +90,30 @@ pub fn check(page: &LandingPage) -> Result<(), ApiError> {
                     "must be an absolute http or https URL",
                 );
             }
-            if form.consent_required && form.consent_label.trim().is_empty() {
+            if (form.consent_required || form.double_opt_in) && form.consent_label.trim().is_empty()
+            {
                 violation(
                     "page.form.consent_label".into(),
-                    "is required when consent_required is set",
+                    "is required when consent_required or double_opt_in is set",
                 );
             }
+            if form.double_opt_in && !valid_name(&form.confirmation_template) {
+                violation(
+                    "page.form.confirmation_template".into(),
+                    "must name an email template when double_opt_in is set",
+                );
+            }
+            if !form.double_opt_in && !form.confirmation_template.is_empty() {
+                violation(
+                    "page.form.confirmation_template".into(),
+                    "is only used with double_opt_in",
+                );
+            }
+        }
+    }
+    if !page.template.is_empty() {
+        if let Err(problem) = check_template(&page.template) {
+            violation("page.template".into(), &problem);
         }
     }
     if violations.is_empty() {
@@ -85,6 +121,79 @@ pub fn check(page: &LandingPage) -> Result<(), ApiError> {
     } else {
         Err(ApiError::invalid_fields(violations))
     }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.trim().is_empty() && name.len() <= 200
+}
+
+/// Longest value a form field takes, in characters.
+pub const MAX_VALUE_CHARS: usize = 500;
+/// Largest page template, in bytes.
+const MAX_TEMPLATE_BYTES: usize = 64 * 1024;
+
+/// The longest value `field` takes.
+pub fn max_chars(field: &rapport_proto::ingestion::v1::FormField) -> usize {
+    match field.max_length {
+        1.. => field.max_length as usize,
+        _ => MAX_VALUE_CHARS,
+    }
+}
+
+/// A field's pattern, anchored so the whole value must match.
+pub fn pattern(source: &str) -> Option<regex::Regex> {
+    if source.len() > 200 {
+        return None;
+    }
+    regex::RegexBuilder::new(&format!("^(?:{source})$"))
+        .size_limit(1 << 20)
+        .build()
+        .ok()
+}
+
+fn liquid_parser() -> &'static liquid::Parser {
+    static PARSER: std::sync::OnceLock<liquid::Parser> = std::sync::OnceLock::new();
+    PARSER.get_or_init(|| {
+        liquid::ParserBuilder::with_stdlib()
+            .build()
+            .unwrap_or_else(|error| panic!("the standard Liquid library builds: {error}"))
+    })
+}
+
+const FORM_MARKER: &str = "<!--rapport:form-->";
+
+/// A page template must parse, render, and place the form exactly once.
+fn check_template(source: &str) -> Result<(), String> {
+    if source.len() > MAX_TEMPLATE_BYTES {
+        return Err(format!("is larger than {MAX_TEMPLATE_BYTES} bytes"));
+    }
+    let rendered = render_template(source, "Title", "Headline", "<p>Body</p>", FORM_MARKER)?;
+    match rendered.matches(FORM_MARKER).count() {
+        1 => Ok(()),
+        0 => Err("must output {{ form }}".into()),
+        _ => Err("must output {{ form }} only once".into()),
+    }
+}
+
+fn render_template(
+    source: &str,
+    title: &str,
+    headline: &str,
+    body: &str,
+    form: &str,
+) -> Result<String, String> {
+    let template = liquid_parser()
+        .parse(source)
+        .map_err(|error| format!("is not a valid Liquid template: {error}"))?;
+    let globals = liquid::object!({
+        "title": text(title).to_string(),
+        "headline": text(headline).to_string(),
+        "body": body,
+        "form": form,
+    });
+    template
+        .render(&globals)
+        .map_err(|error| format!("does not render: {error}"))
 }
 
 fn url_is_http(text: &str) -> bool {
@@ -186,31 +295,49 @@ fn document(title: &str, body: &str) -> String {
     )
 }
 
-/// The page with its form; UTM parameters of the request ride along as
-/// hidden fields.
+/// The page with its form, from the page's template or the built-in layout;
+/// UTM parameters of the request ride along as hidden fields.
 pub fn render_page(page: &LandingPage, public_url: &str, utm: &[(String, String)]) -> String {
-    let empty = Form::default();
-    let form = page.form.as_ref().unwrap_or(&empty);
-    let mut body = format!(
-        "<h1>{}</h1>",
-        text(if page.headline.is_empty() {
-            &page.title
-        } else {
-            &page.headline
-        })
-    );
+    let headline = if page.headline.is_empty() {
+        &page.title
+    } else {
+        &page.headline
+    };
+    let mut paragraphs = String::new();
     for paragraph in page.body.split("\n\n").filter(|p| !p.trim().is_empty()) {
-        body.push_str(&format!("<p>{}</p>", text(paragraph.trim())));
+        paragraphs.push_str(&format!("<p>{}</p>", text(paragraph.trim())));
     }
+    let form = render_form(
+        page.form.as_ref().unwrap_or(&Form::default()),
+        public_url,
+        utm,
+    );
+    if !page.template.is_empty() {
+        match render_template(&page.template, &page.title, headline, &paragraphs, &form) {
+            Ok(html) => return html,
+            // Checked when the page was created; should rendering still
+            // fail, the built-in layout keeps the form reachable.
+            Err(problem) => tracing::warn!(page = %page.page_id, %problem, "page template"),
+        }
+    }
+    document(
+        &page.title,
+        &format!("<h1>{}</h1>{paragraphs}{form}", text(headline)),
+    )
+}
+
+fn render_form(form: &Form, public_url: &str, utm: &[(String, String)]) -> String {
+    let mut body = String::new();
     body.push_str(&format!(
         "<form method=\"post\" action=\"{}/f/{}\">",
         attr(public_url.trim_end_matches('/')),
         attr(&form.form_id)
     ));
     for field in &form.fields {
-        let kind = match field.name.as_str() {
-            "email" => "email",
-            "phone" => "tel",
+        let kind = match (field.r#type(), field.name.as_str()) {
+            (FieldType::Email, _) | (_, "email") => "email",
+            (FieldType::Phone, _) | (_, "phone") => "tel",
+            (FieldType::Number, _) => "number",
             _ => "text",
         };
         let label = if field.label.is_empty() {
@@ -219,9 +346,10 @@ pub fn render_page(page: &LandingPage, public_url: &str, utm: &[(String, String)
             &field.label
         };
         body.push_str(&format!(
-            "<label for=\"{name}\">{label}</label><input id=\"{name}\" name=\"{name}\" type=\"{kind}\"{required}>",
+            "<label for=\"{name}\">{label}</label><input id=\"{name}\" name=\"{name}\" type=\"{kind}\" maxlength=\"{max}\"{required}>",
             name = attr(&field.name),
             label = text(label),
+            max = max_chars(field),
             required = if field.required { " required" } else { "" },
         ));
     }
@@ -251,7 +379,7 @@ pub fn render_page(page: &LandingPage, public_url: &str, utm: &[(String, String)
         "<button type=\"submit\">{}</button></form>",
         text(submit)
     ));
-    document(&page.title, &body)
+    body
 }
 
 pub fn render_message(title: &str, message: &str) -> String {

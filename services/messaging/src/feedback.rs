@@ -6,28 +6,39 @@
 use async_trait::async_trait;
 use rapport_bus::{Delivery, Handler, HandlerError, envelope, topics};
 use rapport_core::json::struct_to_json;
+use rapport_core::{ErrorCode, WorkspaceId};
 use rapport_db::outbox::{self, OutboxWaker};
+use rapport_proto::events::v1::ConsentRequested;
 use rapport_proto::events::v1::MessageEvent;
 use rapport_proto::events::v1::envelope::Payload;
 use rapport_proto::events::v1::ingested_event::Kind;
 use rapport_proto::events::v1::message_event::{Channel, Status};
 use sqlx::PgPool;
+use std::sync::Arc;
+
+use crate::send::Sender;
 
 pub struct FeedbackHandler {
     pub pool: PgPool,
     pub waker: OutboxWaker,
+    pub sender: Arc<Sender>,
 }
 
 #[async_trait]
 impl Handler for FeedbackHandler {
     async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
         let incoming = envelope::decode(&delivery.record)?;
-        let Some(Payload::IngestedEvent(event)) = &incoming.payload else {
-            return Ok(());
+        let event = match &incoming.payload {
+            Some(Payload::IngestedEvent(event)) => event,
+            Some(Payload::ConsentRequested(requested)) => {
+                return self.confirm(&incoming.workspace_id, requested).await;
+            }
+            _ => return Ok(()),
         };
         let status = match event.kind() {
             Kind::EmailOpened => Status::Opened,
-            Kind::LinkClicked => Status::Clicked,
+            // Following a confirmation link is a click on that message.
+            Kind::LinkClicked | Kind::OptInConfirmed => Status::Clicked,
             Kind::Unsubscribed => Status::Unsubscribed,
             _ => return Ok(()),
         };
@@ -95,6 +106,17 @@ impl Handler for FeedbackHandler {
             .await
             .map_err(retryable)?;
         }
+        if event.kind() == Kind::OptInConfirmed {
+            // They asked to come back and proved it is them.
+            sqlx::query(
+                "DELETE FROM suppressions WHERE workspace_id = $1 AND contact_id = $2 AND channel = 'email' AND reason = 'unsubscribed'",
+            )
+            .bind(workspace)
+            .bind(&contact_id)
+            .execute(&mut *transaction)
+            .await
+            .map_err(retryable)?;
+        }
         let lifecycle = MessageEvent {
             message_id: message_id.to_string(),
             contact_id: contact_id.clone(),
@@ -119,5 +141,26 @@ impl Handler for FeedbackHandler {
         transaction.commit().await.map_err(retryable)?;
         self.waker.wake();
         Ok(())
+    }
+}
+
+impl FeedbackHandler {
+    async fn confirm(
+        &self,
+        workspace: &str,
+        requested: &ConsentRequested,
+    ) -> Result<(), HandlerError> {
+        let workspace: WorkspaceId = workspace
+            .parse()
+            .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
+        match self.sender.send_confirmation(workspace, requested).await {
+            Ok(_) => Ok(()),
+            Err(error) if error.code.is_retryable() || error.code == ErrorCode::Internal => {
+                Err(HandlerError::Retryable(error.message))
+            }
+            // No such template, or nothing to send to: the dead-letter topic
+            // keeps the request and its reason.
+            Err(error) => Err(HandlerError::Permanent(error.message)),
+        }
     }
 }

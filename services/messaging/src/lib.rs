@@ -44,19 +44,9 @@ pub async fn build(
     let mailer = smtp::Mailer::new(&config.smtp).map_err(rapport_bus::BusError::Invalid)?;
     let waker = OutboxWaker::default();
     let relay = outbox::spawn_relay(pool.clone(), bus.clone(), SCHEMA, waker.clone());
-    let consumer = bus
-        .subscribe(
-            Subscription::new(CONSUMER_GROUP, &[topics::INGESTED_EVENTS])
-                .with_max_attempts(config.kafka.max_delivery_attempts),
-            Arc::new(feedback::FeedbackHandler {
-                pool: pool.clone(),
-                waker: waker.clone(),
-            }),
-        )
-        .await?;
     let templates = Definitions::new(pool.clone(), "templates", "template");
-    let sender = send::Sender {
-        pool,
+    let sender = Arc::new(send::Sender {
+        pool: pool.clone(),
         templates: templates.clone(),
         mailer: Arc::new(mailer),
         signer: rapport_core::signing::Signer::new(
@@ -64,8 +54,24 @@ pub async fn build(
             rapport_core::signing::TRACKING_PURPOSE,
         ),
         public_url: config.public_url.clone(),
-        waker,
-    };
+        waker: waker.clone(),
+    });
+    // Ingested events (opens, clicks, unsubscribes, confirmations) and
+    // contact changes (double opt-in requests).
+    let consumer = bus
+        .subscribe(
+            Subscription::new(
+                CONSUMER_GROUP,
+                &[topics::INGESTED_EVENTS, topics::CONTACT_CHANGES],
+            )
+            .with_max_attempts(config.kafka.max_delivery_attempts),
+            Arc::new(feedback::FeedbackHandler {
+                pool,
+                waker,
+                sender: sender.clone(),
+            }),
+        )
+        .await?;
     let api = MessagingApi { templates, sender };
     Ok(ServiceParts {
         grpc: GrpcService {
@@ -81,7 +87,7 @@ pub async fn build(
 
 struct MessagingApi {
     templates: Definitions,
-    sender: send::Sender,
+    sender: Arc<send::Sender>,
 }
 
 fn to_proto(row: &DefinitionRow) -> Result<Template, ApiError> {

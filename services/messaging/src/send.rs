@@ -18,15 +18,23 @@ use rapport_core::{ApiError, ErrorCode, FieldViolation, WorkspaceId};
 use rapport_db::definitions::Definitions;
 use rapport_db::map_db_error;
 use rapport_db::outbox::{self, OutboxWaker};
-use rapport_proto::events::v1::MessageEvent;
 use rapport_proto::events::v1::envelope::Payload;
 use rapport_proto::events::v1::message_event::{Channel as EventChannel, Status as EventStatus};
+use rapport_proto::events::v1::{ConsentRequested, MessageEvent};
 use rapport_proto::messaging::v1::send_message_response::Status as SendStatus;
 use rapport_proto::messaging::v1::{Channel, SendMessageRequest, SendMessageResponse, Template};
 use sqlx::PgPool;
 
 use crate::render;
 use crate::smtp::{Email, Mailer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// Journeys and API sends: never to suppressed contacts.
+    Marketing,
+    /// A double opt-in confirmation.
+    Confirmation,
+}
 
 pub struct Sender {
     pub pool: PgPool,
@@ -83,6 +91,37 @@ impl Sender {
         workspace: WorkspaceId,
         request: SendMessageRequest,
     ) -> Result<SendMessageResponse, ApiError> {
+        self.send_as(workspace, request, Purpose::Marketing).await
+    }
+
+    /// Sends the confirmation a double opt-in form asked for, once per
+    /// submission. It goes to people who unsubscribed before (they are asking
+    /// to come back) but never to addresses that bounced or complained.
+    pub async fn send_confirmation(
+        &self,
+        workspace: WorkspaceId,
+        requested: &ConsentRequested,
+    ) -> Result<SendMessageResponse, ApiError> {
+        let request = SendMessageRequest {
+            idempotency_key: format!("opt-in:{}", requested.request_id),
+            template: requested.template.clone(),
+            contact_id: requested.contact_id.clone(),
+            to_email: requested.email.clone(),
+            variables: Some(rapport_core::json::json_to_struct(&serde_json::json!({
+                "contact": { "contact_id": requested.contact_id, "email": requested.email },
+            }))),
+            ..Default::default()
+        };
+        self.send_as(workspace, request, Purpose::Confirmation)
+            .await
+    }
+
+    async fn send_as(
+        &self,
+        workspace: WorkspaceId,
+        request: SendMessageRequest,
+        purpose: Purpose,
+    ) -> Result<SendMessageResponse, ApiError> {
         validate(&request)?;
         let Some(template_row) = self
             .templates
@@ -134,10 +173,12 @@ impl Sender {
 
         let message_id = rapport_core::ids::new_id();
         let suppressed: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM suppressions WHERE workspace_id = $1 AND contact_id = $2 AND channel = 'email')",
+            "SELECT EXISTS (SELECT 1 FROM suppressions WHERE workspace_id = $1 AND contact_id = $2 AND channel = 'email'
+                 AND ($3 OR reason <> 'unsubscribed'))",
         )
         .bind(workspace.0)
         .bind(request.contact_id.trim())
+        .bind(purpose == Purpose::Marketing)
         .fetch_one(&mut *transaction)
         .await
         .map_err(map_db_error)?;
@@ -164,6 +205,14 @@ impl Sender {
                     "unsubscribe_url".into(),
                     serde_json::Value::String(unsubscribe_url.clone()),
                 );
+                if purpose == Purpose::Confirmation {
+                    object.insert(
+                        "confirm_url".into(),
+                        serde_json::Value::String(
+                            self.link("confirm", &token(TrackingKind::ConfirmOptIn, "")),
+                        ),
+                    );
+                }
             }
             let subject = render::render("subject", &template.subject, &variables)?;
             let text = render::render("text_body", &template.text_body, &variables)?;
