@@ -349,8 +349,11 @@ struct HttpConnection {
 
 impl HttpConnection {
     async fn open(host: &str) -> anyhow::Result<Self> {
+        // As HTTP client libraries do (urllib3, Node's http): no Nagle delay.
+        let stream = tokio::net::TcpStream::connect(host).await?;
+        stream.set_nodelay(true)?;
         Ok(HttpConnection {
-            reader: BufReader::new(tokio::net::TcpStream::connect(host).await?),
+            reader: BufReader::new(stream),
             host: host.to_owned(),
         })
     }
@@ -361,9 +364,10 @@ impl HttpConnection {
             self.host,
             body.len()
         );
-        let stream = self.reader.get_mut();
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body).await?;
+        let mut request = Vec::with_capacity(head.len() + body.len());
+        request.extend_from_slice(head.as_bytes());
+        request.extend_from_slice(body);
+        self.reader.get_mut().write_all(&request).await?;
         let mut line = String::new();
         self.reader.read_line(&mut line).await?;
         let status = line

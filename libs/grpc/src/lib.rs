@@ -11,7 +11,6 @@ use std::time::Duration;
 use opentelemetry::propagation::Extractor;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::Server;
@@ -92,7 +91,7 @@ pub async fn serve(
     let task = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 shutdown.cancelled_owned(),
             )
             .await

@@ -104,6 +104,11 @@ pub async fn build(
     let server = tokio::spawn(async move {
         let shutdown = async move { server_cancel.cancelled().await };
         let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        // Answers go out at once rather than waiting on Nagle's algorithm
+        // for the client's delayed acknowledgement.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+            let _ = stream.set_nodelay(true);
+        });
         if let Err(error) = axum::serve(listener, service)
             .with_graceful_shutdown(shutdown)
             .await
