@@ -75,13 +75,48 @@ fn validate_upsert(
             description: format!("is larger than {MAX_ATTRIBUTES_BYTES} bytes"),
         });
     }
+    check_text("stage_cause", &request.stage_cause, &mut violations);
     if !violations.is_empty() {
         return Err(ApiError::invalid_fields(violations));
     }
-    Ok((
-        request_id,
-        ContactInput::from_proto(contact, attributes, email, phone),
-    ))
+    let mut input = ContactInput::from_proto(contact, attributes, email, phone);
+    input.stage_cause = request.stage_cause.trim().to_owned();
+    Ok((request_id, input))
+}
+
+/// 1 to 20 distinct stage keys of lower-case letters, digits and underscores.
+fn check_stages(stages: &[String]) -> Result<Vec<String>, ApiError> {
+    let mut violations = Vec::new();
+    if stages.is_empty() || stages.len() > 20 {
+        violations.push(FieldViolation {
+            field: "stages".into(),
+            description: "must hold 1 to 20 stages".into(),
+        });
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (index, stage) in stages.iter().enumerate() {
+        let valid = !stage.is_empty()
+            && stage.len() <= 64
+            && stage
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid {
+            violations.push(FieldViolation {
+                field: format!("stages[{index}]"),
+                description: "must be 1 to 64 lower-case letters, digits or underscores".into(),
+            });
+        } else if !seen.insert(stage.as_str()) {
+            violations.push(FieldViolation {
+                field: format!("stages[{index}]"),
+                description: "is listed twice".into(),
+            });
+        }
+    }
+    if violations.is_empty() {
+        Ok(stages.to_vec())
+    } else {
+        Err(ApiError::invalid_fields(violations))
+    }
 }
 
 #[tonic::async_trait]
@@ -124,6 +159,51 @@ impl ContactsService for ContactsApi {
         Ok(Response::new(UpsertContactResponse {
             contact: Some(outcome.contact.to_proto()),
             created: outcome.created,
+        }))
+    }
+
+    async fn list_lifecycle_stages(
+        &self,
+        request: Request<ListLifecycleStagesRequest>,
+    ) -> Result<Response<ListLifecycleStagesResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let stages = self.store.stages(workspace).await?;
+        Ok(Response::new(ListLifecycleStagesResponse { stages }))
+    }
+
+    async fn set_lifecycle_stages(
+        &self,
+        request: Request<SetLifecycleStagesRequest>,
+    ) -> Result<Response<SetLifecycleStagesResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let stages = check_stages(&request.get_ref().stages)?;
+        let stages = self.store.set_stages(workspace, stages).await?;
+        Ok(Response::new(SetLifecycleStagesResponse { stages }))
+    }
+
+    async fn list_stage_changes(
+        &self,
+        request: Request<ListStageChangesRequest>,
+    ) -> Result<Response<ListStageChangesResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let contact_id = rapport_core::ids::parse_id("contact_id", &request.get_ref().contact_id)?;
+        let page = Page::<Uuid>::parse(request.get_ref().page.as_ref())?;
+        let rows = self
+            .store
+            .stage_changes(workspace, contact_id, page.after, page.fetch_limit())
+            .await?;
+        let (rows, page) = finish_page(rows, page.size, |row| row.change_id);
+        Ok(Response::new(ListStageChangesResponse {
+            changes: rows
+                .into_iter()
+                .map(|row| StageChange {
+                    stage: row.stage,
+                    previous_stage: row.previous_stage,
+                    cause: row.cause,
+                    change_time: Some(rapport_core::time::to_timestamp(row.changed_at)),
+                })
+                .collect(),
+            page: Some(page),
         }))
     }
 

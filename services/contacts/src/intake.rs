@@ -129,6 +129,7 @@ impl Handler for IngestedEventHandler {
             email_consent,
             sms_consent: None,
             confirmation,
+            stage_cause: String::new(),
         };
         match self.store.upsert(workspace, None, input).await {
             Ok(_) => Ok(()),

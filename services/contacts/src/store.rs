@@ -111,6 +111,8 @@ pub struct ContactInput {
     /// A double opt-in form asked for email consent: when it is pending
     /// after this write, the confirmation is requested.
     pub confirmation: Option<ConfirmationRequest>,
+    /// Why the stage changes, when it does; the source otherwise.
+    pub stage_cause: String,
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +150,7 @@ impl ContactInput {
             email_consent: consent_from_proto(contact.email_consent.as_ref()),
             sms_consent: consent_from_proto(contact.sms_consent.as_ref()),
             confirmation: None,
+            stage_cause: String::new(),
         }
     }
 }
@@ -327,6 +330,22 @@ impl Store {
         .filter_map(|(channel, change)| change.map(|change| (channel, change)))
         .collect();
         let confirmation = input.confirmation.take();
+        let stages = stages_in(&mut transaction, workspace).await?;
+        if !input.lifecycle_stage.is_empty() && !stages.contains(&input.lifecycle_stage) {
+            return Err(ApiError::invalid_field(
+                "contact.lifecycle_stage",
+                format!(
+                    "is not a lifecycle stage of this workspace ({})",
+                    stages.join(", ")
+                ),
+            ));
+        }
+        let cause = [&input.stage_cause, &input.source]
+            .into_iter()
+            .find(|c| !c.is_empty())
+            .cloned()
+            .unwrap_or_else(|| "api".to_owned());
+        let first_stage = stages.first().cloned().unwrap_or_else(|| "lead".to_owned());
         let existing = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM contacts WHERE workspace_id = $1 AND email = $2 FOR UPDATE"
         )))
@@ -350,7 +369,7 @@ impl Store {
                 .bind(&input.first_name)
                 .bind(&input.last_name)
                 .bind(&input.company)
-                .bind(if input.lifecycle_stage.is_empty() { "lead" } else { input.lifecycle_stage.as_str() })
+                .bind(if input.lifecycle_stage.is_empty() { first_stage.as_str() } else { input.lifecycle_stage.as_str() })
                 .bind(&input.tags)
                 .bind(&input.attributes)
                 .bind(if input.source.is_empty() { "api" } else { input.source.as_str() })
@@ -418,6 +437,18 @@ impl Store {
             }
         };
 
+        if let Some(change) = &change
+            && (created || change.change_type() == ChangeType::StageChanged)
+        {
+            record_stage_change(
+                &mut transaction,
+                workspace,
+                &contact,
+                &change.previous_stage,
+                &cause,
+            )
+            .await?;
+        }
         let (contact, change) = apply_consent(
             &mut transaction,
             workspace,
@@ -631,4 +662,129 @@ async fn apply_consent(
     }
     event.contact = Some(contact.snapshot());
     Ok((contact, Some(event)))
+}
+
+/// The stages of a workspace that has not set its own.
+pub const DEFAULT_STAGES: [&str; 5] = ["lead", "customer", "repeat_buyer", "at_risk", "churned"];
+
+async fn stages_in(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    workspace: WorkspaceId,
+) -> Result<Vec<String>, ApiError> {
+    let stages: Option<Vec<String>> =
+        sqlx::query_scalar("SELECT stages FROM lifecycle_stages WHERE workspace_id = $1")
+            .bind(workspace.0)
+            .fetch_optional(&mut **transaction)
+            .await
+            .map_err(map_db_error)?;
+    Ok(stages.unwrap_or_else(|| DEFAULT_STAGES.iter().map(|s| (*s).to_owned()).collect()))
+}
+
+async fn record_stage_change(
+    transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    workspace: WorkspaceId,
+    contact: &ContactRow,
+    previous_stage: &str,
+    cause: &str,
+) -> Result<(), ApiError> {
+    sqlx::query(
+        "INSERT INTO stage_changes (workspace_id, contact_id, change_id, stage, previous_stage, cause)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(workspace.0)
+    .bind(contact.contact_id)
+    .bind(rapport_core::ids::new_id())
+    .bind(&contact.lifecycle_stage)
+    .bind(previous_stage)
+    .bind(cause)
+    .execute(&mut **transaction)
+    .await
+    .map_err(map_db_error)?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct StageChangeRow {
+    pub change_id: Uuid,
+    pub stage: String,
+    pub previous_stage: String,
+    pub cause: String,
+    pub changed_at: DateTime<Utc>,
+}
+
+impl Store {
+    pub async fn stages(&self, workspace: WorkspaceId) -> Result<Vec<String>, ApiError> {
+        let mut transaction = self.pool.begin().await.map_err(map_db_error)?;
+        let stages = stages_in(&mut transaction, workspace).await?;
+        transaction.commit().await.map_err(map_db_error)?;
+        Ok(stages)
+    }
+
+    /// Replaces the workspace's stages; refuses to drop a stage in use.
+    pub async fn set_stages(
+        &self,
+        workspace: WorkspaceId,
+        stages: Vec<String>,
+    ) -> Result<Vec<String>, ApiError> {
+        let mut transaction = self.pool.begin().await.map_err(map_db_error)?;
+        // One writer of a workspace's stages at a time, and no contact
+        // moving into a stage while it is being dropped.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('stages:' || $1, 0))")
+            .bind(workspace.0.to_string())
+            .execute(&mut *transaction)
+            .await
+            .map_err(map_db_error)?;
+        let in_use: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT lifecycle_stage FROM contacts
+             WHERE workspace_id = $1 AND NOT (lifecycle_stage = ANY($2)) ORDER BY 1 LIMIT 10",
+        )
+        .bind(workspace.0)
+        .bind(&stages)
+        .fetch_all(&mut *transaction)
+        .await
+        .map_err(map_db_error)?;
+        if !in_use.is_empty() {
+            return Err(ApiError::new(
+                rapport_core::ErrorCode::FailedPrecondition,
+                format!(
+                    "contacts are in stages this list drops: {}",
+                    in_use.join(", ")
+                ),
+            ));
+        }
+        sqlx::query(
+            "INSERT INTO lifecycle_stages (workspace_id, stages) VALUES ($1, $2)
+             ON CONFLICT (workspace_id) DO UPDATE SET stages = EXCLUDED.stages, updated_at = now()",
+        )
+        .bind(workspace.0)
+        .bind(&stages)
+        .execute(&mut *transaction)
+        .await
+        .map_err(map_db_error)?;
+        transaction.commit().await.map_err(map_db_error)?;
+        Ok(stages)
+    }
+
+    /// A contact's stage history, newest first.
+    pub async fn stage_changes(
+        &self,
+        workspace: WorkspaceId,
+        contact_id: Uuid,
+        before: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<StageChangeRow>, ApiError> {
+        self.get(workspace, contact_id).await?;
+        sqlx::query_as::<_, StageChangeRow>(
+            "SELECT change_id, stage, previous_stage, cause, changed_at FROM stage_changes
+             WHERE workspace_id = $1 AND contact_id = $2 AND ($3::uuid IS NULL OR change_id < $3)
+             ORDER BY change_id DESC LIMIT $4",
+        )
+        .bind(workspace.0)
+        .bind(contact_id)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_db_error)
+    }
 }

@@ -36,25 +36,24 @@ pub fn normalise_email(raw: &str) -> Result<String, &'static str> {
     Ok(email)
 }
 
-/// Accepts an E.164 number (`+` then 8 to 15 digits), ignoring spaces and dashes.
+/// Validates a phone number with its country code (libphonenumber's
+/// metadata) and returns it in E.164 form; empty stays empty.
 pub fn normalise_phone(raw: &str) -> Result<String, &'static str> {
-    let compact: String = raw
-        .chars()
-        .filter(|c| !matches!(c, ' ' | '-' | '(' | ')' | '.'))
-        .collect();
-    if compact.is_empty() {
+    let raw = raw.trim();
+    if raw.is_empty() {
         return Ok(String::new());
     }
-    let Some(digits) = compact.strip_prefix('+') else {
-        return Err("must be in E.164 form, starting with + and the country code");
-    };
-    if !(8..=15).contains(&digits.len())
-        || !digits.chars().all(|c| c.is_ascii_digit())
-        || digits.starts_with('0')
-    {
-        return Err("is not an E.164 phone number");
+    if !raw.starts_with('+') {
+        return Err("must start with + and the country code");
     }
-    Ok(compact)
+    if raw.len() > 40 {
+        return Err("is not a phone number");
+    }
+    let number = phonenumber::parse(None, raw).map_err(|_| "is not a phone number")?;
+    if !phonenumber::is_valid(&number) {
+        return Err("is not a valid phone number for its country");
+    }
+    Ok(number.format().mode(phonenumber::Mode::E164).to_string())
 }
 
 pub fn check_text(field: &str, value: &str, violations: &mut Vec<FieldViolation>) {
@@ -90,13 +89,19 @@ mod tests {
     }
 
     #[test]
-    fn phones_must_be_e164() {
+    fn phones_are_validated_per_country_and_stored_as_e164() {
         assert_eq!(
             normalise_phone("+44 20 7946 0958").as_deref(),
             Ok("+442079460958")
         );
         assert_eq!(normalise_phone("").as_deref(), Ok(""));
+        assert_eq!(
+            normalise_phone("+1 (415) 555-2671").as_deref(),
+            Ok("+14155552671")
+        );
         assert!(normalise_phone("020 7946 0958").is_err());
         assert!(normalise_phone("+12").is_err());
+        // Right length, but no such number range in the UK.
+        assert!(normalise_phone("+44 00 0000 0000").is_err());
     }
 }
