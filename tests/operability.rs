@@ -25,6 +25,7 @@ fn upsert(email: &str, request_id: &str) -> UpsertContactRequest {
             first_name: "Load".into(),
             ..Default::default()
         }),
+        ..Default::default()
     }
 }
 

@@ -78,6 +78,7 @@ async fn a_workspace_key_never_reaches_another_workspace() {
                     first_name: "Ada".into(),
                     ..Default::default()
                 }),
+                ..Default::default()
             },
             &acme.api_key,
         ))
@@ -130,6 +131,7 @@ async fn a_workspace_key_never_reaches_another_workspace() {
                     first_name: "Someone else".into(),
                     ..Default::default()
                 }),
+                ..Default::default()
             },
             &globex.api_key,
         ))
@@ -247,6 +249,7 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
                     phone: "12345".into(),
                     ..Default::default()
                 }),
+                ..Default::default()
             },
             &acme.api_key,
         ))
@@ -320,6 +323,7 @@ async fn services_in_separate_processes_publish_contact_changes_to_kafka() {
                     first_name: "Grace".into(),
                     ..Default::default()
                 }),
+                ..Default::default()
             },
             &acme.api_key,
         ))
@@ -352,6 +356,7 @@ async fn services_in_separate_processes_publish_contact_changes_to_kafka() {
                     first_name: "Changed".into(),
                     ..Default::default()
                 }),
+                ..Default::default()
             },
             &acme.api_key,
         ))
