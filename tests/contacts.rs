@@ -1,15 +1,15 @@
 //! The contact profile through the gRPC API, on Postgres and Kafka: phone
 //! numbers checked against their country's numbering plan, configurable
 //! lifecycle stages with a history of every change, and consent set by the
-//! API and published with the change.
+//! API and published with the change, and interaction notes.
 
 mod support;
 
 use rapport_proto::common::v1::{Consent, ConsentStatus};
 use rapport_proto::contacts::v1::contacts_service_client::ContactsServiceClient;
 use rapport_proto::contacts::v1::{
-    Contact, GetContactRequest, ListLifecycleStagesRequest, ListStageChangesRequest,
-    SetLifecycleStagesRequest, UpsertContactRequest,
+    AddNoteRequest, Contact, GetContactRequest, ListLifecycleStagesRequest, ListNotesRequest,
+    ListStageChangesRequest, Note, NoteType, SetLifecycleStagesRequest, UpsertContactRequest,
 };
 use rapport_proto::events::v1::contact_changed::ChangeType;
 use rapport_proto::events::v1::envelope::Payload;
@@ -327,4 +327,142 @@ async fn phones_follow_their_numbering_plan_and_consent_is_set_with_a_reason() {
             .map(|c| c.status()),
         Some(ConsentStatus::Unsubscribed)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notes_are_kept_per_contact_newest_first_and_retries_add_nothing() {
+    let platform = Platform::start_on_kafka(Layout::OneProcess, Vec::new()).await;
+    let acme = platform.create_workspace("Acme").await;
+    let globex = platform.create_workspace("Globex").await;
+    let key = acme.api_key.as_str();
+    let mut contacts = ContactsServiceClient::connect(platform.address_of(service_names::CONTACTS))
+        .await
+        .expect("connect");
+    let contact = contacts
+        .upsert_contact(with_key(
+            upsert(
+                Contact {
+                    email: "lin@example.com".into(),
+                    ..Default::default()
+                },
+                "",
+            ),
+            key,
+        ))
+        .await
+        .expect("contact")
+        .into_inner()
+        .contact
+        .expect("contact");
+    let note = |kind: NoteType, body: &str| Note {
+        contact_id: contact.contact_id.clone(),
+        r#type: kind.into(),
+        body: body.into(),
+        author: "rep-17".into(),
+        ..Default::default()
+    };
+    let add = |request_id: &str, note: Note| AddNoteRequest {
+        request_id: request_id.into(),
+        note: Some(note),
+    };
+
+    let invalid = contacts
+        .add_note(with_key(
+            add(
+                "",
+                Note {
+                    author: String::new(),
+                    ..note(NoteType::Unspecified, " ")
+                },
+            ),
+            key,
+        ))
+        .await
+        .expect_err("invalid note");
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    assert_eq!(
+        fields_of(&invalid),
+        ["note.type", "note.body", "note.author"]
+    );
+
+    let call = contacts
+        .add_note(with_key(
+            add(
+                "call-1",
+                note(NoteType::SalesCall, "Wants SSO before buying."),
+            ),
+            key,
+        ))
+        .await
+        .expect("note")
+        .into_inner()
+        .note
+        .expect("note");
+    let retried = contacts
+        .add_note(with_key(
+            add(
+                "call-1",
+                note(NoteType::SalesCall, "Wants SSO before buying."),
+            ),
+            key,
+        ))
+        .await
+        .expect("retry")
+        .into_inner()
+        .note
+        .expect("note");
+    assert_eq!(retried.note_id, call.note_id);
+    contacts
+        .add_note(with_key(
+            add("", note(NoteType::Objection, "Price is above budget.")),
+            key,
+        ))
+        .await
+        .expect("objection");
+
+    let notes = contacts
+        .list_notes(with_key(
+            ListNotesRequest {
+                contact_id: contact.contact_id.clone(),
+                ..Default::default()
+            },
+            key,
+        ))
+        .await
+        .expect("notes")
+        .into_inner()
+        .notes;
+    let listed: Vec<(NoteType, &str, &str)> = notes
+        .iter()
+        .map(|n| (n.r#type(), n.body.as_str(), n.author.as_str()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (NoteType::Objection, "Price is above budget.", "rep-17"),
+            (NoteType::SalesCall, "Wants SSO before buying.", "rep-17"),
+        ]
+    );
+    assert!(notes.iter().all(|n| n.occur_time.is_some()));
+
+    // Another workspace can neither read nor add to this contact's notes.
+    let hidden = contacts
+        .list_notes(with_key(
+            ListNotesRequest {
+                contact_id: contact.contact_id.clone(),
+                ..Default::default()
+            },
+            &globex.api_key,
+        ))
+        .await
+        .expect_err("not Globex's contact");
+    assert_eq!(hidden.code(), Code::NotFound);
+    let foreign = contacts
+        .add_note(with_key(
+            add("", note(NoteType::Other, "Hello")),
+            &globex.api_key,
+        ))
+        .await
+        .expect_err("not Globex's contact");
+    assert_eq!(foreign.code(), Code::NotFound);
 }

@@ -207,6 +207,48 @@ impl ContactsService for ContactsApi {
         }))
     }
 
+    async fn add_note(
+        &self,
+        request: Request<AddNoteRequest>,
+    ) -> Result<Response<AddNoteResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let request = request.get_ref();
+        let request_id = request.request_id.trim();
+        if request_id.len() > 128 {
+            return Err(
+                ApiError::invalid_field("request_id", "is longer than 128 characters").into(),
+            );
+        }
+        let note = crate::notes::check(request.note.as_ref())?;
+        let note = self
+            .store
+            .add_note(
+                workspace,
+                Some(request_id).filter(|id| !id.is_empty()),
+                note,
+            )
+            .await?;
+        Ok(Response::new(AddNoteResponse { note: Some(note) }))
+    }
+
+    async fn list_notes(
+        &self,
+        request: Request<ListNotesRequest>,
+    ) -> Result<Response<ListNotesResponse>, Status> {
+        let workspace = workspace_of(&request)?;
+        let contact_id = rapport_core::ids::parse_id("contact_id", &request.get_ref().contact_id)?;
+        let page = Page::<Uuid>::parse(request.get_ref().page.as_ref())?;
+        let rows = self
+            .store
+            .notes(workspace, contact_id, page.after, page.fetch_limit())
+            .await?;
+        let (rows, page) = finish_page(rows, page.size, |(id, _)| *id);
+        Ok(Response::new(ListNotesResponse {
+            notes: rows.into_iter().map(|(_, note)| note).collect(),
+            page: Some(page),
+        }))
+    }
+
     async fn list_contacts(
         &self,
         request: Request<ListContactsRequest>,

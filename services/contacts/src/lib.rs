@@ -16,6 +16,7 @@ use sqlx::PgPool;
 mod api;
 mod consent;
 mod intake;
+mod notes;
 mod store;
 mod validate;
 

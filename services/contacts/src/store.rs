@@ -218,6 +218,10 @@ impl Store {
         Store { pool, waker }
     }
 
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     #[tracing::instrument(
         name = "db",
         skip_all,
