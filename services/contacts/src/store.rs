@@ -334,7 +334,27 @@ impl Store {
         .filter_map(|(channel, change)| change.map(|change| (channel, change)))
         .collect();
         let confirmation = input.confirmation.take();
-        let stages = stages_in(&mut transaction, workspace).await?;
+        let cause = [&input.stage_cause, &input.source]
+            .into_iter()
+            .find(|c| !c.is_empty())
+            .cloned()
+            .unwrap_or_else(|| "api".to_owned());
+        let existing = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM contacts WHERE workspace_id = $1 AND email = $2 FOR UPDATE"
+        )))
+        .bind(workspace.0)
+        .bind(&input.email)
+        .fetch_optional(&mut *transaction)
+        .await
+        .map_err(map_db_error)?;
+        // The workspace's stages matter only to a stage being set and to a
+        // new contact, which starts in the first; an update that leaves the
+        // stage alone (most identify events) skips the read.
+        let stages = if input.lifecycle_stage.is_empty() && existing.is_some() {
+            Vec::new()
+        } else {
+            stages_in(&mut *transaction, workspace).await?
+        };
         if !input.lifecycle_stage.is_empty() && !stages.contains(&input.lifecycle_stage) {
             return Err(ApiError::invalid_field(
                 "contact.lifecycle_stage",
@@ -344,20 +364,7 @@ impl Store {
                 ),
             ));
         }
-        let cause = [&input.stage_cause, &input.source]
-            .into_iter()
-            .find(|c| !c.is_empty())
-            .cloned()
-            .unwrap_or_else(|| "api".to_owned());
-        let first_stage = stages.first().cloned().unwrap_or_else(|| "lead".to_owned());
-        let existing = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM contacts WHERE workspace_id = $1 AND email = $2 FOR UPDATE"
-        )))
-        .bind(workspace.0)
-        .bind(&input.email)
-        .fetch_optional(&mut *transaction)
-        .await
-        .map_err(map_db_error)?;
+        let first_stage = stages.first().map_or(DEFAULT_STAGES[0], String::as_str);
 
         let (contact, created, change) = match existing {
             None => {
@@ -373,7 +380,7 @@ impl Store {
                 .bind(&input.first_name)
                 .bind(&input.last_name)
                 .bind(&input.company)
-                .bind(if input.lifecycle_stage.is_empty() { first_stage.as_str() } else { input.lifecycle_stage.as_str() })
+                .bind(if input.lifecycle_stage.is_empty() { first_stage } else { input.lifecycle_stage.as_str() })
                 .bind(&input.tags)
                 .bind(&input.attributes)
                 .bind(if input.source.is_empty() { "api" } else { input.source.as_str() })
@@ -671,14 +678,14 @@ async fn apply_consent(
 /// The stages of a workspace that has not set its own.
 pub const DEFAULT_STAGES: [&str; 5] = ["lead", "customer", "repeat_buyer", "at_risk", "churned"];
 
-async fn stages_in(
-    transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+async fn stages_in<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
     workspace: WorkspaceId,
 ) -> Result<Vec<String>, ApiError> {
     let stages: Option<Vec<String>> =
         sqlx::query_scalar("SELECT stages FROM lifecycle_stages WHERE workspace_id = $1")
             .bind(workspace.0)
-            .fetch_optional(&mut **transaction)
+            .fetch_optional(executor)
             .await
             .map_err(map_db_error)?;
     Ok(stages.unwrap_or_else(|| DEFAULT_STAGES.iter().map(|s| (*s).to_owned()).collect()))
@@ -718,10 +725,7 @@ pub struct StageChangeRow {
 
 impl Store {
     pub async fn stages(&self, workspace: WorkspaceId) -> Result<Vec<String>, ApiError> {
-        let mut transaction = self.pool.begin().await.map_err(map_db_error)?;
-        let stages = stages_in(&mut transaction, workspace).await?;
-        transaction.commit().await.map_err(map_db_error)?;
-        Ok(stages)
+        stages_in(&self.pool, workspace).await
     }
 
     /// Replaces the workspace's stages; refuses to drop a stage in use.

@@ -321,8 +321,8 @@ async fn submit_form(
         }
         traits.insert(field.name.clone(), serde_json::Value::String(value));
     }
+    let consented = !value_of(pages::CONSENT_FIELD).is_empty();
     if !form.consent_label.trim().is_empty() {
-        let consented = !value_of(pages::CONSENT_FIELD).is_empty();
         if form.consent_required && !consented {
             problems.push(format!("{} is required.", form.consent_label.trim()));
         }
@@ -351,7 +351,7 @@ async fn submit_form(
     let mut properties = serde_json::Map::new();
     properties.insert("form_id".into(), form_id.to_string().into());
     properties.insert("page_id".into(), stored.page.page_id.clone().into());
-    if form.double_opt_in && !value_of(pages::CONSENT_FIELD).is_empty() {
+    if form.double_opt_in && consented {
         properties.insert(
             "confirmation_template".into(),
             form.confirmation_template.trim().into(),
@@ -486,80 +486,98 @@ async fn click(State(state): State<Arc<HttpState>>, Path(raw): Path<String>) -> 
     Redirect::to(&token.url).into_response()
 }
 
+/// A page whose button posts back to the link it was opened from, for
+/// links whose action must not happen on a mere GET.
+fn button_page(
+    state: &HttpState,
+    raw: &str,
+    kind: TrackingKind,
+    title: &str,
+    prompt: &str,
+    button: &str,
+) -> Response {
+    if token(state, raw, kind).is_none() {
+        return not_found("link");
+    }
+    Html(format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title></head><body>\
+         <h1>{title}</h1><p>{prompt}</p>\
+         <form method=\"post\"><button type=\"submit\">{button}</button></form></body></html>"
+    ))
+    .into_response()
+}
+
+/// Records what a signed link of `kind` stands for as an `event` named
+/// `name`, and answers with a page saying it is done.
+async fn follow_link(
+    state: &HttpState,
+    raw: &str,
+    kind: TrackingKind,
+    event: (Kind, &str),
+    done: (&str, &str),
+) -> Response {
+    let Some((workspace, token)) = token(state, raw, kind) else {
+        return not_found("link");
+    };
+    match record(state, workspace, &token, event.0, event.1).await {
+        Ok(()) => Html(pages::render_message(done.0, done.1)).into_response(),
+        Err(error) => error_page(&error),
+    }
+}
+
 async fn unsubscribe_page(
     State(state): State<Arc<HttpState>>,
     Path(raw): Path<String>,
 ) -> Response {
-    if token(&state, &raw, TrackingKind::Unsubscribe).is_none() {
-        return not_found("link");
-    }
-    let body = format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Unsubscribe</title></head><body>\
-         <h1>Unsubscribe</h1><p>Stop receiving these emails?</p>\
-         <form method=\"post\"><button type=\"submit\">Unsubscribe</button></form></body></html>"
-    );
-    Html(body).into_response()
+    button_page(
+        &state,
+        &raw,
+        TrackingKind::Unsubscribe,
+        "Unsubscribe",
+        "Stop receiving these emails?",
+        "Unsubscribe",
+    )
 }
 
 /// One-click unsubscribe: mail clients POST `List-Unsubscribe=One-Click`
 /// here (RFC 8058); the confirmation page's button posts here too.
 async fn unsubscribe(State(state): State<Arc<HttpState>>, Path(raw): Path<String>) -> Response {
-    let Some((workspace, token)) = token(&state, &raw, TrackingKind::Unsubscribe) else {
-        return not_found("link");
-    };
-    match record(
+    follow_link(
         &state,
-        workspace,
-        &token,
-        Kind::Unsubscribed,
-        "Unsubscribed",
+        &raw,
+        TrackingKind::Unsubscribe,
+        (Kind::Unsubscribed, "Unsubscribed"),
+        ("Unsubscribed", "You will not get these emails any more."),
     )
     .await
-    {
-        Ok(()) => Html(pages::render_message(
-            "Unsubscribed",
-            "You will not get these emails any more.",
-        ))
-        .into_response(),
-        Err(error) => error_page(&error),
-    }
 }
 
 /// The link in a double opt-in email. Following it shows a button rather
 /// than confirming at once, so mail scanners that open links do not
 /// subscribe anyone.
 async fn confirm_page(State(state): State<Arc<HttpState>>, Path(raw): Path<String>) -> Response {
-    if token(&state, &raw, TrackingKind::ConfirmOptIn).is_none() {
-        return not_found("link");
-    }
-    Html(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Confirm your subscription</title></head><body>\
-         <h1>Confirm your subscription</h1><p>Press the button to start getting our emails.</p>\
-         <form method=\"post\"><button type=\"submit\">Confirm</button></form></body></html>",
+    button_page(
+        &state,
+        &raw,
+        TrackingKind::ConfirmOptIn,
+        "Confirm your subscription",
+        "Press the button to start getting our emails.",
+        "Confirm",
     )
-    .into_response()
 }
 
 async fn confirm(State(state): State<Arc<HttpState>>, Path(raw): Path<String>) -> Response {
-    let Some((workspace, token)) = token(&state, &raw, TrackingKind::ConfirmOptIn) else {
-        return not_found("link");
-    };
-    match record(
+    follow_link(
         &state,
-        workspace,
-        &token,
-        Kind::OptInConfirmed,
-        "Opt-In Confirmed",
-    )
-    .await
-    {
-        Ok(()) => Html(pages::render_message(
+        &raw,
+        TrackingKind::ConfirmOptIn,
+        (Kind::OptInConfirmed, "Opt-In Confirmed"),
+        (
             "Subscription confirmed",
             "Thank you: you will now get our emails.",
-        ))
-        .into_response(),
-        Err(error) => error_page(&error),
-    }
+        ),
+    )
+    .await
 }
 
 /// The tracking snippet, cached for an hour by browsers and CDNs.
