@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs a benchmark against the local stack and prints its table:
 #   ./deploy/bench.sh ingestion [--events N] [--concurrency C] [--rate R] ...
+#   ./deploy/bench.sh contacts [--contacts N] [--batch B] [--concurrency C] [--get-rate R] [--get-seconds S]
 # Builds the release binaries first. Results go in docs/benchmarks.md.
 
 set -euo pipefail

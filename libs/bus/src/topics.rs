@@ -49,7 +49,7 @@ pub const CATALOGUE: [TopicInfo; 7] = [
         name: CONTACT_CHANGES,
         payload: "ContactChanged, ConsentRequested",
         producer: "contacts",
-        consumers: &["segmentation", "reporting", "messaging"],
+        consumers: &["segmentation", "reporting", "messaging", "automation"],
         retention_days: 7,
     },
     TopicInfo {
@@ -84,14 +84,14 @@ pub const CATALOGUE: [TopicInfo; 7] = [
         name: MESSAGE_LIFECYCLE,
         payload: "MessageEvent",
         producer: "messaging",
-        consumers: &["reporting"],
+        consumers: &["reporting", "contacts"],
         retention_days: 7,
     },
     TopicInfo {
         name: CRM_INBOUND,
         payload: "InboundSync",
         producer: "sales-CRM connectors",
-        consumers: &[],
+        consumers: &["contacts"],
         retention_days: 7,
     },
 ];

@@ -56,6 +56,39 @@ pub async fn enqueue(
     Ok(())
 }
 
+/// Adds `records` to the outbox within `transaction`, in one statement.
+pub async fn enqueue_many(
+    transaction: &mut Transaction<'_, Postgres>,
+    records: &[Record],
+) -> Result<(), sqlx::Error> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut topics = Vec::with_capacity(records.len());
+    let mut keys = Vec::with_capacity(records.len());
+    let mut payloads = Vec::with_capacity(records.len());
+    let mut headers = Vec::with_capacity(records.len());
+    for record in records {
+        let mut record = record.clone();
+        rapport_bus::trace::inject_current(&mut record);
+        headers.push(serde_json::to_value(&record.headers).unwrap_or_default());
+        topics.push(record.topic);
+        keys.push(record.key);
+        payloads.push(record.payload);
+    }
+    sqlx::query(
+        "INSERT INTO outbox (topic, record_key, payload, headers)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::jsonb[])",
+    )
+    .bind(&topics)
+    .bind(&keys)
+    .bind(&payloads)
+    .bind(&headers)
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
+
 /// Rows waiting to be published (the outbox backlog).
 pub async fn backlog(pool: &PgPool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT count(*) FROM outbox")

@@ -1,5 +1,6 @@
 //! The automation service: journey definitions, enrolment of contacts that
-//! enter a journey's segment, and the runner that executes due steps.
+//! enter a journey's segment, the runner that executes due steps, and the
+//! stopping of runs whose contact is erased or merged away.
 //!
 //! Owns the `automation` Postgres schema.
 
@@ -29,10 +30,14 @@ use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+mod contact_changes;
 mod runner;
 
 pub const SCHEMA: &str = "automation";
 pub const CONSUMER_GROUP: &str = "rapport-automation";
+/// The group that consumes contact changes (erasures and merges), apart from
+/// enrolment so neither holds the other up.
+pub const CONTACTS_CONSUMER_GROUP: &str = "rapport-automation-contacts";
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 pub async fn build(
@@ -66,6 +71,16 @@ pub async fn build(
         credential: rapport_core::signing::Signer::internal_credential(&config.internal_secret()),
         poll: Duration::from_millis(config.automation_poll_ms),
     });
+    let contact_consumer = bus
+        .subscribe(
+            Subscription::new(CONTACTS_CONSUMER_GROUP, &[topics::CONTACT_CHANGES])
+                .with_max_attempts(config.kafka.max_delivery_attempts),
+            Arc::new(contact_changes::ContactChangeHandler {
+                pool: pool.clone(),
+                waker: waker.clone(),
+            }),
+        )
+        .await?;
     let consumer = bus
         .subscribe(
             Subscription::new(CONSUMER_GROUP, &[topics::MEMBERSHIPS])
@@ -89,6 +104,9 @@ pub async fn build(
         background: vec![
             BackgroundTask::new("automation membership consumer", move || {
                 consumer.shutdown()
+            }),
+            BackgroundTask::new("automation contact consumer", move || {
+                contact_consumer.shutdown()
             }),
             BackgroundTask::new("automation journey runner", move || async move {
                 runner_cancel.cancel();

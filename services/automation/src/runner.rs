@@ -52,7 +52,7 @@ pub struct Runner {
     pub poll: Duration,
 }
 
-async fn step_event(
+pub(crate) async fn step_event(
     transaction: &mut Transaction<'_, Postgres>,
     workspace: Uuid,
     event: JourneyStepEvent,

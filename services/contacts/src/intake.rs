@@ -1,5 +1,10 @@
-//! Contacts from what people do: an identify call or a form submission that
-//! carries an email creates the contact, or fills in what it lacked.
+//! Contacts from what people do:
+//! - an identify call or a form submission that carries an email creates
+//!   the contact, or fills in what it lacked, and links the user id (as the
+//!   external id `app:<user id>`) and the anonymous id; an anonymous contact
+//!   holding that anonymous id is merged into it;
+//! - unsubscribes and double opt-in confirmations set consent;
+//! - every event and message about a known contact goes on its timeline.
 
 use std::sync::Arc;
 
@@ -10,10 +15,15 @@ use rapport_core::json::struct_to_json;
 use rapport_proto::events::v1::envelope::Payload;
 use rapport_proto::events::v1::ingested_event::Kind;
 
-use crate::consent::{Channel, ConsentChange};
-use crate::store::{ConfirmationRequest, ContactInput, Store};
-use crate::validate::{normalise_email, normalise_phone};
 use rapport_proto::common::v1::ConsentStatus;
+use rapport_proto::events::v1::{IngestedEvent, MessageEvent};
+use uuid::Uuid;
+
+use crate::consent::{Channel, ConsentChange};
+use crate::store::{Store, TouchRecord};
+use crate::timeline::Entry;
+use crate::validate::{normalise_email, normalise_external_id, normalise_phone};
+use crate::write::{ConfirmationRequest, ContactInput};
 
 pub struct IngestedEventHandler {
     pub store: Arc<Store>,
@@ -31,15 +41,18 @@ fn text(traits: &serde_json::Value, names: &[&str]) -> String {
 impl Handler for IngestedEventHandler {
     async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
         let envelope = envelope::decode(&delivery.record)?;
-        let Some(Payload::IngestedEvent(event)) = envelope.payload else {
-            return Ok(());
-        };
         let workspace: WorkspaceId = envelope
             .workspace_id
             .parse()
             .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
+        let event = match envelope.payload {
+            Some(Payload::IngestedEvent(event)) => event,
+            Some(Payload::MessageEvent(message)) => {
+                return self.message(workspace, &message).await;
+            }
+            _ => return Ok(()),
+        };
         let consent = match event.kind() {
-            Kind::Identify | Kind::FormSubmitted => None,
             Kind::OptInConfirmed => Some(ConsentChange::new(
                 ConsentStatus::Subscribed,
                 "double_opt_in_confirmed",
@@ -48,7 +61,8 @@ impl Handler for IngestedEventHandler {
                 ConsentStatus::Unsubscribed,
                 "unsubscribed",
             )),
-            _ => return Ok(()),
+            Kind::Unspecified => return Ok(()),
+            _ => None,
         };
         if let Some(change) = consent {
             let Ok(contact_id) = event.contact_id.parse() else {
@@ -80,20 +94,73 @@ impl Handler for IngestedEventHandler {
             .as_ref()
             .map(struct_to_json)
             .unwrap_or_default();
-        let Ok(email) = normalise_email(&text(&traits, &["email"])) else {
-            // Anonymous activity: nothing to create yet.
+        let occurred_at = event
+            .timestamp
+            .as_ref()
+            .and_then(rapport_core::time::from_timestamp);
+        let email = normalise_email(&text(&traits, &["email"])).ok();
+        let user_id = event.user_id.trim();
+        let external = normalise_external_id(&format!("app:{user_id}")).ok();
+        let anonymous = Some(event.anonymous_id.trim().to_owned())
+            .filter(|id| !id.is_empty() && id.chars().count() <= 200);
+        let identifies = matches!(event.kind(), Kind::Identify | Kind::FormSubmitted);
+        let contact_id = if identifies && email.is_some() {
+            Some(
+                self.identify(
+                    workspace,
+                    &event,
+                    &traits,
+                    &properties,
+                    &context,
+                    email,
+                    external,
+                    anonymous,
+                )
+                .await?,
+            )
+        } else {
+            self.known_contact(
+                workspace,
+                &event,
+                email.as_deref(),
+                external.as_deref(),
+                anonymous.as_deref(),
+            )
+            .await
+            .map_err(retry_or_fail)?
+        };
+        let Some(contact_id) = contact_id else {
+            // Anonymous activity of nobody known yet.
             return Ok(());
         };
-        let utm_source = [
-            properties.get("utm_source"),
-            context.pointer("/campaign/source"),
-        ]
-        .into_iter()
-        .flatten()
-        .find_map(|v| v.as_str())
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned);
+        let (summary, details) = describe(&event, &properties);
+        let mut entry = Entry::event(contact_id, summary, details);
+        if let Some(at) = occurred_at {
+            entry = entry.at(at);
+        }
+        self.store
+            .add_entries(workspace, &[entry])
+            .await
+            .map_err(retry_or_fail)
+    }
+}
+
+impl IngestedEventHandler {
+    /// An identify or form submission that names an email: creates the
+    /// contact or fills in what it lacked, linking its tracking ids.
+    #[allow(clippy::too_many_arguments)]
+    async fn identify(
+        &self,
+        workspace: WorkspaceId,
+        event: &IngestedEvent,
+        traits: &serde_json::Value,
+        properties: &serde_json::Value,
+        context: &serde_json::Value,
+        email: Option<String>,
+        external: Option<String>,
+        anonymous: Option<String>,
+    ) -> Result<Uuid, HandlerError> {
+        let touch = touch_of(properties, context, event);
         let default_source = if event.kind() == Kind::FormSubmitted {
             "form"
         } else {
@@ -107,56 +174,209 @@ impl Handler for IngestedEventHandler {
             _ => None,
         }
         .map(|status| ConsentChange::new(status, default_source));
-        let template = text(&properties, &["confirmation_template"]);
+        let template = text(properties, &["confirmation_template"]);
         let confirmation =
             (event.kind() == Kind::FormSubmitted && !template.is_empty()).then(|| {
                 ConfirmationRequest {
                     template,
-                    form_id: text(&properties, &["form_id"]),
+                    form_id: text(properties, &["form_id"]),
                     request_id: event.message_id.clone(),
                 }
             });
+        let source = touch
+            .as_ref()
+            .map(|t| t.source.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| default_source.to_owned());
         let input = ContactInput {
-            email,
-            phone: normalise_phone(&text(&traits, &["phone"])).unwrap_or_default(),
-            first_name: text(&traits, &["first_name", "firstName"]),
-            last_name: text(&traits, &["last_name", "lastName"]),
-            company: text(&traits, &["company"]),
-            lifecycle_stage: String::new(),
-            tags: Vec::new(),
-            attributes: custom_traits(&traits),
-            source: utm_source.unwrap_or_else(|| default_source.to_owned()),
+            email: email.unwrap_or_default(),
+            phone: normalise_phone(&text(traits, &["phone"])).unwrap_or_default(),
+            first_name: text(traits, &["first_name", "firstName"]),
+            last_name: text(traits, &["last_name", "lastName"]),
+            company: text(traits, &["company"]),
+            job_title: text(traits, &["title", "job_title"]),
+            attributes: custom_traits(traits),
+            external_ids: external.into_iter().collect(),
+            anonymous_ids: anonymous.into_iter().collect(),
+            touch,
+            source,
             email_consent,
-            sms_consent: None,
             confirmation,
-            stage_cause: String::new(),
+            ..Default::default()
         };
         match self.store.upsert(workspace, None, input).await {
-            Ok(_) => Ok(()),
+            Ok(outcome) => Ok(outcome.profile.row.contact_id),
+            // The user id or anonymous id is someone else's: keep the
+            // person's data without linking those ids.
+            Err(error) if error.code == rapport_core::ErrorCode::FailedPrecondition => {
+                tracing::info!(%error.message, "identify names ids of two known contacts; linking only the email");
+                let input = ContactInput {
+                    email: normalise_email(&text(traits, &["email"])).unwrap_or_default(),
+                    first_name: text(traits, &["first_name", "firstName"]),
+                    last_name: text(traits, &["last_name", "lastName"]),
+                    source: default_source.to_owned(),
+                    ..Default::default()
+                };
+                self.store
+                    .upsert(workspace, None, input)
+                    .await
+                    .map(|outcome| outcome.profile.row.contact_id)
+                    .map_err(retry_or_fail)
+            }
             Err(error) => Err(retry_or_fail(error)),
         }
     }
+
+    /// The contact an event is about, if it is someone known.
+    async fn known_contact(
+        &self,
+        workspace: WorkspaceId,
+        event: &IngestedEvent,
+        email: Option<&str>,
+        external: Option<&str>,
+        anonymous: Option<&str>,
+    ) -> Result<Option<Uuid>, rapport_core::ApiError> {
+        if let Ok(id) = event.contact_id.parse::<Uuid>() {
+            return match self.store.get(workspace, id).await {
+                Ok(row) => Ok(Some(row.contact_id)),
+                Err(error) if error.code == rapport_core::ErrorCode::NotFound => Ok(None),
+                Err(error) => Err(error),
+            };
+        }
+        for (kind, value) in [
+            ("external", external),
+            ("email", email),
+            ("anonymous", anonymous),
+        ] {
+            if let Some(value) = value
+                && let Some(id) = self.store.find_by_identity(workspace, kind, value).await?
+            {
+                return Ok(Some(id));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A message sent to, opened or clicked by a contact: on their timeline.
+    async fn message(
+        &self,
+        workspace: WorkspaceId,
+        message: &MessageEvent,
+    ) -> Result<(), HandlerError> {
+        let Ok(contact_id) = message.contact_id.parse::<Uuid>() else {
+            return Ok(());
+        };
+        let contact_id = match self.store.get(workspace, contact_id).await {
+            Ok(row) => row.contact_id,
+            Err(error) if error.code == rapport_core::ErrorCode::NotFound => return Ok(()),
+            Err(error) => return Err(retry_or_fail(error)),
+        };
+        let status = message
+            .status()
+            .as_str_name()
+            .trim_start_matches("STATUS_")
+            .to_lowercase();
+        let summary = match message.url.as_str() {
+            "" => format!("Email {status}"),
+            url => format!("Email {status}: {url}"),
+        };
+        let entry = Entry::message(
+            contact_id,
+            summary,
+            serde_json::json!({
+                "message_id": message.message_id,
+                "status": status,
+                "template_id": message.template_id,
+                "journey_id": message.journey_id,
+                "url": message.url,
+                "reason": message.reason,
+            }),
+        );
+        self.store
+            .add_entries(workspace, &[entry])
+            .await
+            .map_err(retry_or_fail)
+    }
 }
 
-/// ALREADY_EXISTS means another writer created the same email a moment ago;
-/// the retry finds it and updates it instead.
-fn retry_or_fail(error: rapport_core::ApiError) -> HandlerError {
-    if error.code.is_retryable()
-        || matches!(
-            error.code,
-            rapport_core::ErrorCode::Internal | rapport_core::ErrorCode::AlreadyExists
-        )
-    {
-        HandlerError::Retryable(error.message)
-    } else {
-        HandlerError::Permanent(error.message)
+/// The UTM parameters and page of an event, when it carries any.
+fn touch_of(
+    properties: &serde_json::Value,
+    context: &serde_json::Value,
+    event: &IngestedEvent,
+) -> Option<TouchRecord> {
+    let pick = |property: &str, campaign: &str| {
+        [
+            properties.get(property),
+            context.pointer(&format!("/campaign/{campaign}")),
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(|v| v.as_str())
+        .map(|v| v.trim().chars().take(500).collect::<String>())
+        .unwrap_or_default()
+    };
+    let page = |name: &str| {
+        context
+            .pointer(&format!("/page/{name}"))
+            .and_then(|v| v.as_str())
+            .map(|v| v.chars().take(2_000).collect::<String>())
+            .unwrap_or_default()
+    };
+    let touch = TouchRecord {
+        source: pick("utm_source", "source"),
+        medium: pick("utm_medium", "medium"),
+        campaign: pick("utm_campaign", "name"),
+        term: pick("utm_term", "term"),
+        content: pick("utm_content", "content"),
+        referrer: page("referrer"),
+        landing_url: page("url"),
+        at: event
+            .timestamp
+            .as_ref()
+            .and_then(rapport_core::time::from_timestamp)
+            .unwrap_or_else(chrono::Utc::now),
+    };
+    (!touch.source.is_empty() || !touch.campaign.is_empty() || !touch.medium.is_empty())
+        .then_some(touch)
+}
+
+/// A line and the details of an event, for the timeline.
+fn describe(event: &IngestedEvent, properties: &serde_json::Value) -> (String, serde_json::Value) {
+    let kind = event
+        .kind()
+        .as_str_name()
+        .trim_start_matches("KIND_")
+        .to_lowercase();
+    let summary = match (event.kind(), event.name.as_str()) {
+        (_, "") => kind.replace('_', " "),
+        (Kind::Page | Kind::Screen, name) => format!("Viewed {name}"),
+        (_, name) => name.to_owned(),
+    };
+    let mut details = serde_json::json!({
+        "kind": kind,
+        "name": event.name,
+        "message_id": event.message_id,
+        "properties": properties,
+    });
+    if !event.intent_signals.is_empty() {
+        details["intent_signals"] = serde_json::json!(event.intent_signals);
     }
+    (summary, details)
+}
+
+/// ALREADY_EXISTS means another writer created the same identity a moment
+/// ago; the retry finds it and updates it instead.
+fn retry_or_fail(error: rapport_core::ApiError) -> HandlerError {
+    crate::crm::retry_or_fail(error)
 }
 
 /// Standard contact fields, which traits fill directly; other traits become
 /// custom attributes.
-const STANDARD_TRAITS: [&str; 10] = [
+const STANDARD_TRAITS: [&str; 12] = [
     "email_consent",
+    "title",
+    "job_title",
     "email",
     "phone",
     "first_name",
@@ -168,8 +388,8 @@ const STANDARD_TRAITS: [&str; 10] = [
     "id",
 ];
 
-fn custom_traits(traits: &serde_json::Value) -> serde_json::Value {
-    let custom = traits
+fn custom_traits(traits: &serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    traits
         .as_object()
         .map(|object| {
             object
@@ -178,6 +398,5 @@ fn custom_traits(traits: &serde_json::Value) -> serde_json::Value {
                 .map(|(key, value)| (key.clone(), value.clone()))
                 .collect()
         })
-        .unwrap_or_default();
-    serde_json::Value::Object(custom)
+        .unwrap_or_default()
 }

@@ -130,7 +130,8 @@ impl Store {
         request_id: Option<&str>,
         note: NewNote,
     ) -> Result<Note, ApiError> {
-        self.get(workspace, note.contact_id).await?;
+        let contact_id = self.get(workspace, note.contact_id).await?.contact_id;
+        let mut transaction = self.pool().begin().await.map_err(map_db_error)?;
         let inserted = sqlx::query_as::<_, NoteRow>(sqlx::AssertSqlSafe(format!(
             "INSERT INTO notes (workspace_id, contact_id, note_id, note_type, body, author, occurred_at, request_id)
              VALUES ($1, $2, $3, $4, $5, $6, COALESCE($7, now()), $8)
@@ -138,19 +139,33 @@ impl Store {
              RETURNING {COLUMNS}"
         )))
         .bind(workspace.0)
-        .bind(note.contact_id)
+        .bind(contact_id)
         .bind(rapport_core::ids::new_id())
         .bind(type_text(note.kind))
         .bind(&note.body)
         .bind(&note.author)
         .bind(note.occurred_at)
         .bind(request_id)
-        .fetch_optional(self.pool())
+        .fetch_optional(&mut *transaction)
         .await
         .map_err(map_db_error)?;
         if let Some(row) = inserted {
+            crate::timeline::insert(
+                &mut transaction,
+                workspace,
+                &[crate::timeline::Entry::note(
+                    contact_id,
+                    row.note_id,
+                    type_text(note.kind),
+                    &note.author,
+                )
+                .at(row.occurred_at)],
+            )
+            .await?;
+            transaction.commit().await.map_err(map_db_error)?;
             return Ok(row.to_proto());
         }
+        transaction.rollback().await.map_err(map_db_error)?;
         sqlx::query_as::<_, NoteRow>(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM notes WHERE workspace_id = $1 AND request_id = $2"
         )))
@@ -171,7 +186,7 @@ impl Store {
         before: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<(Uuid, Note)>, ApiError> {
-        self.get(workspace, contact_id).await?;
+        let contact_id = self.get(workspace, contact_id).await?.contact_id;
         let rows = sqlx::query_as::<_, NoteRow>(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM notes
              WHERE workspace_id = $1 AND contact_id = $2 AND ($3::uuid IS NULL OR note_id < $3)

@@ -1,24 +1,31 @@
 //! Contacts storage. Every query is scoped by workspace id.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use rapport_bus::{envelope, topics};
 use rapport_core::json::{json_to_struct, struct_to_json};
 use rapport_core::time::to_timestamp;
 use rapport_core::{ApiError, WorkspaceId};
 use rapport_db::map_db_error;
-use rapport_db::outbox::{self, OutboxWaker};
-use rapport_proto::common::v1::{Consent, ConsentStatus};
-use rapport_proto::contacts::v1::Contact;
-use rapport_proto::events::v1::contact_changed::ChangeType;
+use rapport_db::outbox::OutboxWaker;
+use rapport_proto::common::v1::Money;
+use rapport_proto::contacts::v1::{
+    Contact, ContactFilter, CurrencySpend, Identity, IdentityKind, OrderAggregates, Touch,
+};
 use rapport_proto::events::v1::envelope::Payload;
-use rapport_proto::events::v1::{ConsentRequested, ContactChanged, ContactSnapshot};
+use rapport_proto::events::v1::{ContactChanged, ContactSnapshot};
+use serde::{Deserialize, Serialize};
 use sqlx::{FromRow, PgPool};
 use uuid::Uuid;
 
-use crate::consent::{self, Channel, ConsentChange, ConsentState, status_text};
+use crate::consent::{Channel, ConsentState};
 
-#[derive(Debug, Clone, FromRow, PartialEq)]
+/// A contact as stored: the columns of `contacts`, in table order, so a
+/// row can be written back with `jsonb_populate_recordset`.
+#[derive(Debug, Clone, FromRow, PartialEq, Serialize, Deserialize)]
 pub struct ContactRow {
+    pub workspace_id: Uuid,
     pub contact_id: Uuid,
     pub email: String,
     pub phone: String,
@@ -37,6 +44,122 @@ pub struct ContactRow {
     pub sms_consent: String,
     pub sms_consent_reason: String,
     pub sms_consent_at: Option<DateTime<Utc>>,
+    pub job_title: String,
+    pub time_zone: String,
+    pub locale: String,
+    pub country: String,
+    pub owner_id: String,
+    pub score: i64,
+    pub custom_fields: serde_json::Value,
+    pub first_touch: Option<serde_json::Value>,
+    pub last_touch: Option<serde_json::Value>,
+    pub company_id: Option<Uuid>,
+    pub order_count: i64,
+    pub first_purchase_at: Option<DateTime<Utc>>,
+    pub last_purchase_at: Option<DateTime<Utc>>,
+    pub spend: serde_json::Value,
+}
+
+pub const COLUMNS: &str = "workspace_id, contact_id, email, phone, first_name, last_name, company, lifecycle_stage, tags, attributes, source, created_at, updated_at, \
+    email_consent, email_consent_reason, email_consent_at, sms_consent, sms_consent_reason, sms_consent_at, \
+    job_title, time_zone, locale, country, owner_id, score, custom_fields, first_touch, last_touch, company_id, \
+    order_count, first_purchase_at, last_purchase_at, spend";
+
+/// One identity of a contact: kind is email, phone, external or anonymous.
+#[derive(Debug, Clone, FromRow, PartialEq, Eq, Hash)]
+pub struct IdentityRow {
+    pub contact_id: Uuid,
+    pub kind: String,
+    pub value: String,
+}
+
+pub fn identity_kind(kind: &str) -> IdentityKind {
+    match kind {
+        "email" => IdentityKind::Email,
+        "phone" => IdentityKind::Phone,
+        "external" => IdentityKind::External,
+        "anonymous" => IdentityKind::Anonymous,
+        _ => IdentityKind::Unspecified,
+    }
+}
+
+/// Total spend in one currency, as kept in `contacts.spend`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Spend {
+    pub currency: String,
+    pub order_count: i64,
+    pub total_micros: i64,
+}
+
+/// A touch as kept in `first_touch` / `last_touch`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TouchRecord {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub medium: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub campaign: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub term: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub content: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub referrer: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub landing_url: String,
+    pub at: DateTime<Utc>,
+}
+
+impl TouchRecord {
+    pub fn from_proto(touch: &Touch, now: DateTime<Utc>) -> Self {
+        TouchRecord {
+            source: touch.source.trim().to_owned(),
+            medium: touch.medium.trim().to_owned(),
+            campaign: touch.campaign.trim().to_owned(),
+            term: touch.term.trim().to_owned(),
+            content: touch.content.trim().to_owned(),
+            referrer: touch.referrer.trim().to_owned(),
+            landing_url: touch.landing_url.trim().to_owned(),
+            at: touch
+                .touch_time
+                .as_ref()
+                .and_then(rapport_core::time::from_timestamp)
+                .unwrap_or(now),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.source.is_empty()
+            && self.medium.is_empty()
+            && self.campaign.is_empty()
+            && self.referrer.is_empty()
+            && self.landing_url.is_empty()
+    }
+
+    fn to_proto(&self) -> Touch {
+        Touch {
+            source: self.source.clone(),
+            medium: self.medium.clone(),
+            campaign: self.campaign.clone(),
+            term: self.term.clone(),
+            content: self.content.clone(),
+            referrer: self.referrer.clone(),
+            landing_url: self.landing_url.clone(),
+            touch_time: Some(to_timestamp(self.at)),
+        }
+    }
+}
+
+pub fn touch_of(value: Option<&serde_json::Value>) -> Option<TouchRecord> {
+    value.and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+fn money(currency: &str, micros: i64) -> Money {
+    Money {
+        currency_code: currency.to_owned(),
+        amount_micros: micros,
+    }
 }
 
 impl ContactRow {
@@ -55,7 +178,71 @@ impl ContactRow {
         }
     }
 
-    pub fn to_proto(&self) -> Contact {
+    pub fn set_consent(&mut self, channel: Channel, state: ConsentState) {
+        match channel {
+            Channel::Email => {
+                self.email_consent = state.status;
+                self.email_consent_reason = state.reason;
+                self.email_consent_at = state.changed_at;
+            }
+            Channel::Sms => {
+                self.sms_consent = state.status;
+                self.sms_consent_reason = state.reason;
+                self.sms_consent_at = state.changed_at;
+            }
+        }
+    }
+
+    pub fn spend(&self) -> Vec<Spend> {
+        serde_json::from_value(self.spend.clone()).unwrap_or_default()
+    }
+
+    pub fn aggregates(&self) -> OrderAggregates {
+        OrderAggregates {
+            order_count: self.order_count,
+            first_purchase_time: self.first_purchase_at.map(to_timestamp),
+            last_purchase_time: self.last_purchase_at.map(to_timestamp),
+            spend: self
+                .spend()
+                .iter()
+                .map(|spend| CurrencySpend {
+                    currency_code: spend.currency.clone(),
+                    order_count: spend.order_count,
+                    total: Some(money(&spend.currency, spend.total_micros)),
+                    average_order_value: Some(money(
+                        &spend.currency,
+                        if spend.order_count > 0 {
+                            spend.total_micros / spend.order_count
+                        } else {
+                            0
+                        },
+                    )),
+                })
+                .collect(),
+        }
+    }
+
+    /// No email, phone or external id: a visitor known only by tracking ids.
+    pub fn is_anonymous(&self, identities: &[IdentityRow]) -> bool {
+        self.email.is_empty()
+            && self.phone.is_empty()
+            && !identities
+                .iter()
+                .any(|i| i.contact_id == self.contact_id && i.kind == "external")
+    }
+
+    pub fn to_proto(&self, identities: &[IdentityRow]) -> Contact {
+        let mine = || {
+            identities
+                .iter()
+                .filter(|i| i.contact_id == self.contact_id)
+        };
+        let of_kind = |kind: &str| {
+            mine()
+                .filter(|i| i.kind == kind)
+                .map(|i| i.value.clone())
+                .collect::<Vec<_>>()
+        };
         Contact {
             contact_id: self.contact_id.to_string(),
             email: self.email.clone(),
@@ -71,10 +258,29 @@ impl ContactRow {
             source: self.source.clone(),
             email_consent: Some(self.consent(Channel::Email).to_proto()),
             sms_consent: Some(self.consent(Channel::Sms).to_proto()),
+            job_title: self.job_title.clone(),
+            time_zone: self.time_zone.clone(),
+            locale: self.locale.clone(),
+            country: self.country.clone(),
+            owner_id: self.owner_id.clone(),
+            score: self.score,
+            custom_fields: Some(json_to_struct(&self.custom_fields)),
+            identities: mine()
+                .map(|i| Identity {
+                    kind: identity_kind(&i.kind).into(),
+                    value: i.value.clone(),
+                })
+                .collect(),
+            first_touch: touch_of(self.first_touch.as_ref()).map(|t| t.to_proto()),
+            last_touch: touch_of(self.last_touch.as_ref()).map(|t| t.to_proto()),
+            company_id: self.company_id.map(|id| id.to_string()).unwrap_or_default(),
+            orders: Some(self.aggregates()),
+            external_ids: of_kind("external"),
+            anonymous_ids: of_kind("anonymous"),
         }
     }
 
-    fn snapshot(&self) -> ContactSnapshot {
+    pub fn snapshot(&self, identities: &[IdentityRow]) -> ContactSnapshot {
         ContactSnapshot {
             contact_id: self.contact_id.to_string(),
             email: self.email.clone(),
@@ -90,128 +296,57 @@ impl ContactRow {
             source: self.source.clone(),
             email_consent: Some(self.consent(Channel::Email).to_proto()),
             sms_consent: Some(self.consent(Channel::Sms).to_proto()),
+            job_title: self.job_title.clone(),
+            time_zone: self.time_zone.clone(),
+            locale: self.locale.clone(),
+            country: self.country.clone(),
+            owner_id: self.owner_id.clone(),
+            score: self.score,
+            custom_fields: Some(json_to_struct(&self.custom_fields)),
+            external_ids: identities
+                .iter()
+                .filter(|i| i.contact_id == self.contact_id && i.kind == "external")
+                .map(|i| i.value.clone())
+                .collect(),
+            company_id: self.company_id.map(|id| id.to_string()).unwrap_or_default(),
+            first_touch_source: touch_of(self.first_touch.as_ref())
+                .map(|t| t.source)
+                .unwrap_or_default(),
+            last_touch_source: touch_of(self.last_touch.as_ref())
+                .map(|t| t.source)
+                .unwrap_or_default(),
+            order_count: self.order_count,
         }
     }
 }
 
-/// A validated upsert.
-#[derive(Debug, Clone)]
-pub struct ContactInput {
-    pub email: String,
-    pub phone: String,
-    pub first_name: String,
-    pub last_name: String,
-    pub company: String,
-    pub lifecycle_stage: String,
-    pub tags: Vec<String>,
-    pub attributes: serde_json::Value,
-    pub source: String,
-    pub email_consent: Option<ConsentChange>,
-    pub sms_consent: Option<ConsentChange>,
-    /// A double opt-in form asked for email consent: when it is pending
-    /// after this write, the confirmation is requested.
-    pub confirmation: Option<ConfirmationRequest>,
-    /// Why the stage changes, when it does; the source otherwise.
-    pub stage_cause: String,
+/// A contact with its identities.
+pub struct Profile {
+    pub row: ContactRow,
+    pub identities: Vec<IdentityRow>,
 }
 
-#[derive(Debug, Clone)]
-pub struct ConfirmationRequest {
-    pub template: String,
-    pub form_id: String,
-    pub request_id: String,
-}
-
-impl ContactInput {
-    pub fn from_proto(
-        contact: &Contact,
-        attributes: serde_json::Value,
-        email: String,
-        phone: String,
-    ) -> Self {
-        let mut tags = contact
-            .tags
-            .iter()
-            .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty())
-            .collect::<Vec<_>>();
-        tags.sort();
-        tags.dedup();
-        ContactInput {
-            email,
-            phone,
-            first_name: contact.first_name.trim().to_owned(),
-            last_name: contact.last_name.trim().to_owned(),
-            company: contact.company.trim().to_owned(),
-            lifecycle_stage: contact.lifecycle_stage.trim().to_lowercase(),
-            tags,
-            attributes,
-            source: contact.source.trim().to_owned(),
-            email_consent: consent_from_proto(contact.email_consent.as_ref()),
-            sms_consent: consent_from_proto(contact.sms_consent.as_ref()),
-            confirmation: None,
-            stage_cause: String::new(),
-        }
+impl Profile {
+    pub fn to_proto(&self) -> Contact {
+        self.row.to_proto(&self.identities)
     }
-}
-
-/// A consent an API caller set: a status other than unspecified.
-fn consent_from_proto(consent: Option<&Consent>) -> Option<ConsentChange> {
-    let consent = consent?;
-    let status = consent.status();
-    if status == ConsentStatus::Unspecified {
-        return None;
-    }
-    let reason = match consent.reason.trim() {
-        "" => "api",
-        reason => reason,
-    };
-    Some(ConsentChange::new(status, reason))
-}
-
-impl ContactInput {
-    /// An update leaves what the caller left empty as it was: empty fields
-    /// keep their value, tags are added to, attributes are merged key by key.
-    fn merged_onto(mut self, before: &ContactRow) -> Self {
-        for (new, old) in [
-            (&mut self.phone, &before.phone),
-            (&mut self.first_name, &before.first_name),
-            (&mut self.last_name, &before.last_name),
-            (&mut self.company, &before.company),
-            (&mut self.lifecycle_stage, &before.lifecycle_stage),
-        ] {
-            if new.is_empty() {
-                new.clone_from(old);
-            }
-        }
-        let mut tags = before.tags.clone();
-        tags.extend(self.tags);
-        tags.sort();
-        tags.dedup();
-        self.tags = tags;
-        let mut attributes = before.attributes.as_object().cloned().unwrap_or_default();
-        if let Some(new) = self.attributes.as_object() {
-            for (key, value) in new {
-                attributes.insert(key.clone(), value.clone());
-            }
-        }
-        self.attributes = serde_json::Value::Object(attributes);
-        self
-    }
-}
-
-pub struct UpsertOutcome {
-    pub contact: ContactRow,
-    pub created: bool,
 }
 
 pub struct Store {
     pool: PgPool,
-    waker: OutboxWaker,
+    pub(crate) waker: OutboxWaker,
 }
 
-const COLUMNS: &str = "contact_id, email, phone, first_name, last_name, company, lifecycle_stage, tags, attributes, source, created_at, updated_at, \
-    email_consent, email_consent_reason, email_consent_at, sms_consent, sms_consent_reason, sms_consent_at";
+/// The record of a contact change event.
+pub fn event_record(workspace: WorkspaceId, change: ContactChanged) -> rapport_bus::Record {
+    let key = change.contact_id.clone();
+    let envelope = envelope::new_envelope(
+        &workspace.to_string(),
+        "contacts",
+        Payload::ContactChanged(change),
+    );
+    envelope::to_record(topics::CONTACT_CHANGES, &key, &envelope)
+}
 
 impl Store {
     pub fn new(pool: PgPool, waker: OutboxWaker) -> Self {
@@ -222,6 +357,25 @@ impl Store {
         &self.pool
     }
 
+    /// Where a merged-away id now lives; the id itself otherwise.
+    pub async fn resolve_id<'e>(
+        executor: impl sqlx::PgExecutor<'e>,
+        workspace: WorkspaceId,
+        contact_id: Uuid,
+    ) -> Result<Uuid, ApiError> {
+        let survivor: Option<Uuid> = sqlx::query_scalar(
+            "SELECT survivor_id FROM merged_contacts WHERE workspace_id = $1 AND merged_id = $2",
+        )
+        .bind(workspace.0)
+        .bind(contact_id)
+        .fetch_optional(executor)
+        .await
+        .map_err(map_db_error)?;
+        Ok(survivor.unwrap_or(contact_id))
+    }
+
+    /// One contact by id (a merged-away id gives its survivor). NOT_FOUND
+    /// when it is not in the workspace.
     #[tracing::instrument(
         name = "db",
         skip_all,
@@ -238,17 +392,69 @@ impl Store {
         workspace: WorkspaceId,
         contact_id: Uuid,
     ) -> Result<ContactRow, ApiError> {
-        sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM contacts WHERE workspace_id = $1 AND contact_id = $2"
-        )))
-        .bind(workspace.0)
-        .bind(contact_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_db_error)?
-        .ok_or_else(|| ApiError::not_found(format!("contact {contact_id}")))
+        let mut found = self.get_many(workspace, &[contact_id]).await?;
+        found
+            .remove(&contact_id)
+            .map(|profile| profile.row)
+            .ok_or_else(|| ApiError::not_found(format!("contact {contact_id}")))
     }
 
+    pub async fn profile(
+        &self,
+        workspace: WorkspaceId,
+        contact_id: Uuid,
+    ) -> Result<Profile, ApiError> {
+        let mut found = self.get_many(workspace, &[contact_id]).await?;
+        found
+            .remove(&contact_id)
+            .ok_or_else(|| ApiError::not_found(format!("contact {contact_id}")))
+    }
+
+    /// Contacts by id, keyed by the id asked for (merged ids give their
+    /// survivor), with their identities. Ids not found are absent.
+    pub async fn get_many(
+        &self,
+        workspace: WorkspaceId,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Profile>, ApiError> {
+        let rows = sqlx::query_as::<_, (Uuid, Uuid)>(
+            "SELECT asked, COALESCE(m.survivor_id, asked) FROM UNNEST($2::uuid[]) AS asked
+             LEFT JOIN merged_contacts m ON m.workspace_id = $1 AND m.merged_id = asked",
+        )
+        .bind(workspace.0)
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_db_error)?;
+        let targets: Vec<Uuid> = rows.iter().map(|(_, target)| *target).collect();
+        let contacts = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM contacts WHERE workspace_id = $1 AND contact_id = ANY($2)"
+        )))
+        .bind(workspace.0)
+        .bind(&targets)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_db_error)?;
+        let identities = identities_of(&self.pool, workspace, &targets).await?;
+        let by_id: HashMap<Uuid, ContactRow> = contacts
+            .into_iter()
+            .map(|row| (row.contact_id, row))
+            .collect();
+        Ok(rows
+            .into_iter()
+            .filter_map(|(asked, target)| {
+                let row = by_id.get(&target)?.clone();
+                let identities = identities
+                    .iter()
+                    .filter(|i| i.contact_id == target)
+                    .cloned()
+                    .collect();
+                Some((asked, Profile { row, identities }))
+            })
+            .collect())
+    }
+
+    /// Contacts matching `filter`, newest first, with cursor paging.
     #[tracing::instrument(
         name = "db",
         skip_all,
@@ -263,422 +469,135 @@ impl Store {
     pub async fn list(
         &self,
         workspace: WorkspaceId,
-        stage: Option<&str>,
+        filter: &Filter,
         after: Option<Uuid>,
         limit: i64,
-    ) -> Result<Vec<ContactRow>, ApiError> {
-        sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
+    ) -> Result<Vec<Profile>, ApiError> {
+        let rows = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM contacts
              WHERE workspace_id = $1
                AND ($2::text IS NULL OR lifecycle_stage = $2)
                AND ($3::uuid IS NULL OR contact_id < $3)
+               AND ($5::text IS NULL OR tags @> ARRAY[$5])
+               AND ($6::text IS NULL OR owner_id = $6)
+               AND ($7::uuid IS NULL OR company_id = $7)
+               AND ($8::jsonb IS NULL OR custom_fields @> $8)
+               AND ($9::timestamptz IS NULL OR updated_at >= $9)
+               AND ($10::text IS NULL OR email_consent = $10)
              ORDER BY contact_id DESC LIMIT $4"
         )))
         .bind(workspace.0)
-        .bind(stage)
+        .bind(filter.stage.as_deref())
         .bind(after)
         .bind(limit)
+        .bind(filter.tag.as_deref())
+        .bind(filter.owner_id.as_deref())
+        .bind(filter.company_id)
+        .bind(filter.custom_fields.as_ref())
+        .bind(filter.updated_after)
+        .bind(filter.email_consent.as_deref())
         .fetch_all(&self.pool)
         .await
-        .map_err(map_db_error)
-    }
-
-    /// Creates or updates the contact with `input.email`, writing its event in
-    /// the same transaction. A repeated `request_id` returns the first outcome.
-    #[tracing::instrument(
-        name = "db",
-        skip_all,
-        fields(
-            otel.kind = "client",
-            otel.name = "UPSERT contacts",
-            db.system.name = "postgresql",
-            db.operation.name = "UPSERT",
-            db.collection.name = "contacts",
-        )
-    )]
-    pub async fn upsert(
-        &self,
-        workspace: WorkspaceId,
-        request_id: Option<&str>,
-        mut input: ContactInput,
-    ) -> Result<UpsertOutcome, ApiError> {
-        let mut transaction = self.pool.begin().await.map_err(map_db_error)?;
-        if let Some(request_id) = request_id {
-            // Serialise concurrent retries of one request id.
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || $2, 0))")
-                .bind(workspace.0.to_string())
-                .bind(request_id)
-                .execute(&mut *transaction)
-                .await
-                .map_err(map_db_error)?;
-            let previous: Option<(Uuid, bool)> = sqlx::query_as(
-                "SELECT contact_id, created FROM upsert_requests WHERE workspace_id = $1 AND request_id = $2",
-            )
-            .bind(workspace.0)
-            .bind(request_id)
-            .fetch_optional(&mut *transaction)
-            .await
-            .map_err(map_db_error)?;
-            if let Some((contact_id, created)) = previous {
-                transaction.rollback().await.map_err(map_db_error)?;
-                let contact = self.get(workspace, contact_id).await?;
-                return Ok(UpsertOutcome { contact, created });
-            }
-        }
-
-        let consent_changes: Vec<(Channel, ConsentChange)> = [
-            (Channel::Email, input.email_consent.take()),
-            (Channel::Sms, input.sms_consent.take()),
-        ]
-        .into_iter()
-        .filter_map(|(channel, change)| change.map(|change| (channel, change)))
-        .collect();
-        let confirmation = input.confirmation.take();
-        let cause = [&input.stage_cause, &input.source]
+        .map_err(map_db_error)?;
+        let ids: Vec<Uuid> = rows.iter().map(|row| row.contact_id).collect();
+        let identities = identities_of(&self.pool, workspace, &ids).await?;
+        Ok(rows
             .into_iter()
-            .find(|c| !c.is_empty())
-            .cloned()
-            .unwrap_or_else(|| "api".to_owned());
-        let existing = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM contacts WHERE workspace_id = $1 AND email = $2 FOR UPDATE"
-        )))
-        .bind(workspace.0)
-        .bind(&input.email)
-        .fetch_optional(&mut *transaction)
-        .await
-        .map_err(map_db_error)?;
-        // The workspace's stages matter only to a stage being set and to a
-        // new contact, which starts in the first; an update that leaves the
-        // stage alone (most identify events) skips the read.
-        let stages = if input.lifecycle_stage.is_empty() && existing.is_some() {
-            Vec::new()
-        } else {
-            stages_in(&mut *transaction, workspace).await?
-        };
-        if !input.lifecycle_stage.is_empty() && !stages.contains(&input.lifecycle_stage) {
-            return Err(ApiError::invalid_field(
-                "contact.lifecycle_stage",
-                format!(
-                    "is not a lifecycle stage of this workspace ({})",
-                    stages.join(", ")
-                ),
-            ));
-        }
-        let first_stage = stages.first().map_or(DEFAULT_STAGES[0], String::as_str);
+            .map(|row| {
+                let identities = identities
+                    .iter()
+                    .filter(|i| i.contact_id == row.contact_id)
+                    .cloned()
+                    .collect();
+                Profile { row, identities }
+            })
+            .collect())
+    }
+}
 
-        let (contact, created, change) = match existing {
-            None => {
-                let contact = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO contacts (workspace_id, contact_id, email, phone, first_name, last_name, company, lifecycle_stage, tags, attributes, source)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                     RETURNING {COLUMNS}"
-                )))
-                .bind(workspace.0)
-                .bind(rapport_core::ids::new_id())
-                .bind(&input.email)
-                .bind(&input.phone)
-                .bind(&input.first_name)
-                .bind(&input.last_name)
-                .bind(&input.company)
-                .bind(if input.lifecycle_stage.is_empty() { first_stage } else { input.lifecycle_stage.as_str() })
-                .bind(&input.tags)
-                .bind(&input.attributes)
-                .bind(if input.source.is_empty() { "api" } else { input.source.as_str() })
-                .fetch_one(&mut *transaction)
-                .await
-                .map_err(map_db_error)?;
-                let event = ContactChanged {
-                    contact_id: contact.contact_id.to_string(),
-                    change_type: ChangeType::Created.into(),
-                    contact: Some(contact.snapshot()),
-                    source: contact.source.clone(),
+/// A validated List / Export filter.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub stage: Option<String>,
+    pub tag: Option<String>,
+    pub owner_id: Option<String>,
+    pub company_id: Option<Uuid>,
+    pub custom_fields: Option<serde_json::Value>,
+    pub updated_after: Option<DateTime<Utc>>,
+    pub email_consent: Option<String>,
+}
+
+impl Filter {
+    /// Checks a filter; custom-field values are checked against the
+    /// workspace's definitions by the caller.
+    pub fn from_proto(
+        filter: Option<&ContactFilter>,
+        legacy_stage: &str,
+    ) -> Result<(Filter, Option<serde_json::Value>), ApiError> {
+        let text = |value: &str| Some(value.trim().to_owned()).filter(|v| !v.is_empty());
+        let Some(filter) = filter else {
+            return Ok((
+                Filter {
+                    stage: text(legacy_stage).map(|s| s.to_lowercase()),
                     ..Default::default()
-                };
-                (contact, true, Some(event))
-            }
-            Some(before) => {
-                let input = input.merged_onto(&before);
-                let changed = changed_fields(&before, &input);
-                if changed.is_empty() {
-                    (before, false, None)
-                } else {
-                    let after = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
-                        "UPDATE contacts SET phone = $3, first_name = $4, last_name = $5, company = $6,
-                             lifecycle_stage = $7, tags = $8, attributes = $9, updated_at = now()
-                         WHERE workspace_id = $1 AND contact_id = $2
-                         RETURNING {COLUMNS}"
-                    )))
-                    .bind(workspace.0)
-                    .bind(before.contact_id)
-                    .bind(&input.phone)
-                    .bind(&input.first_name)
-                    .bind(&input.last_name)
-                    .bind(&input.company)
-                    .bind(&input.lifecycle_stage)
-                    .bind(&input.tags)
-                    .bind(&input.attributes)
-                    .fetch_one(&mut *transaction)
-                    .await
-                    .map_err(map_db_error)?;
-                    let stage_changed = before.lifecycle_stage != after.lifecycle_stage;
-                    let event = ContactChanged {
-                        contact_id: after.contact_id.to_string(),
-                        change_type: if stage_changed {
-                            ChangeType::StageChanged
-                        } else {
-                            ChangeType::Updated
-                        }
-                        .into(),
-                        contact: Some(after.snapshot()),
-                        changed_fields: changed,
-                        previous_stage: if stage_changed {
-                            before.lifecycle_stage.clone()
-                        } else {
-                            String::new()
-                        },
-                        source: if input.source.is_empty() {
-                            "api".to_owned()
-                        } else {
-                            input.source.clone()
-                        },
-                        ..Default::default()
-                    };
-                    (after, false, Some(event))
-                }
-            }
+                },
+                None,
+            ));
         };
-
-        if let Some(change) = &change
-            && (created || change.change_type() == ChangeType::StageChanged)
-        {
-            record_stage_change(
-                &mut transaction,
-                workspace,
-                &contact,
-                &change.previous_stage,
-                &cause,
-            )
-            .await?;
-        }
-        let (contact, change) = apply_consent(
-            &mut transaction,
-            workspace,
-            contact,
-            change,
-            &consent_changes,
-            created,
-        )
-        .await?;
-        if let Some(event) = event_record(workspace, change) {
-            outbox::enqueue(&mut transaction, &event)
-                .await
-                .map_err(map_db_error)?;
-        }
-        if let Some(request) = &confirmation
-            && contact.consent(Channel::Email).status() == ConsentStatus::Pending
-        {
-            let requested = ConsentRequested {
-                contact_id: contact.contact_id.to_string(),
-                channel: "email".into(),
-                email: contact.email.clone(),
-                template: request.template.clone(),
-                form_id: request.form_id.clone(),
-                request_id: request.request_id.clone(),
-            };
-            let envelope = envelope::new_envelope(
-                &workspace.to_string(),
-                "contacts",
-                Payload::ConsentRequested(requested),
-            );
-            outbox::enqueue(
-                &mut transaction,
-                &envelope::to_record(
-                    topics::CONTACT_CHANGES,
-                    &contact.contact_id.to_string(),
-                    &envelope,
-                ),
-            )
-            .await
-            .map_err(map_db_error)?;
-        }
-        if let Some(request_id) = request_id {
-            sqlx::query("INSERT INTO upsert_requests (workspace_id, request_id, contact_id, created) VALUES ($1, $2, $3, $4)")
-                .bind(workspace.0)
-                .bind(request_id)
-                .bind(contact.contact_id)
-                .bind(created)
-                .execute(&mut *transaction)
-                .await
-                .map_err(map_db_error)?;
-        }
-        transaction.commit().await.map_err(map_db_error)?;
-        self.waker.wake();
-        Ok(UpsertOutcome { contact, created })
-    }
-}
-
-fn event_record(
-    workspace: WorkspaceId,
-    change: Option<ContactChanged>,
-) -> Option<rapport_bus::Record> {
-    let change = change?;
-    let key = change.contact_id.clone();
-    let envelope = envelope::new_envelope(
-        &workspace.to_string(),
-        "contacts",
-        Payload::ContactChanged(change),
-    );
-    Some(envelope::to_record(
-        topics::CONTACT_CHANGES,
-        &key,
-        &envelope,
-    ))
-}
-
-fn changed_fields(before: &ContactRow, input: &ContactInput) -> Vec<String> {
-    let mut changed = Vec::new();
-    let pairs = [
-        ("phone", &before.phone, &input.phone),
-        ("first_name", &before.first_name, &input.first_name),
-        ("last_name", &before.last_name, &input.last_name),
-        ("company", &before.company, &input.company),
-        (
-            "lifecycle_stage",
-            &before.lifecycle_stage,
-            &input.lifecycle_stage,
-        ),
-    ];
-    for (name, old, new) in pairs {
-        if old != new {
-            changed.push(name.to_owned());
-        }
-    }
-    if before.tags != input.tags {
-        changed.push("tags".to_owned());
-    }
-    if before.attributes != input.attributes {
-        changed.push("attributes".to_owned());
-    }
-    changed
-}
-
-/// The attributes a client sent, as JSON.
-pub fn attributes_json(contact: &Contact) -> serde_json::Value {
-    contact
-        .attributes
-        .as_ref()
-        .map(struct_to_json)
-        .unwrap_or_else(|| serde_json::Value::Object(Default::default()))
-}
-
-impl Store {
-    /// Sets one channel's consent of a contact found by id (a confirmation
-    /// link followed, an unsubscribe, a bounce). NOT_FOUND when the contact
-    /// is not in the workspace.
-    pub async fn set_consent(
-        &self,
-        workspace: WorkspaceId,
-        contact_id: Uuid,
-        channel: Channel,
-        change: ConsentChange,
-    ) -> Result<ContactRow, ApiError> {
-        let mut transaction = self.pool.begin().await.map_err(map_db_error)?;
-        let contact = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM contacts WHERE workspace_id = $1 AND contact_id = $2 FOR UPDATE"
-        )))
-        .bind(workspace.0)
-        .bind(contact_id)
-        .fetch_optional(&mut *transaction)
-        .await
-        .map_err(map_db_error)?
-        .ok_or_else(|| ApiError::not_found(format!("contact {contact_id}")))?;
-        let source = change.reason.clone();
-        let (contact, change) = apply_consent(
-            &mut transaction,
-            workspace,
-            contact,
-            None,
-            &[(channel, change)],
-            false,
-        )
-        .await?;
-        if let Some(mut change) = change {
-            change.source = source;
-            if let Some(event) = event_record(workspace, Some(change)) {
-                outbox::enqueue(&mut transaction, &event)
-                    .await
-                    .map_err(map_db_error)?;
-            }
-        }
-        transaction.commit().await.map_err(map_db_error)?;
-        self.waker.wake();
-        Ok(contact)
-    }
-}
-
-/// Applies consent changes to a contact just written (or read) in
-/// `transaction`, logs them, and folds them into the contact's change event
-/// (making an update event when there was none).
-async fn apply_consent(
-    transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    workspace: WorkspaceId,
-    mut contact: ContactRow,
-    mut change: Option<ContactChanged>,
-    changes: &[(Channel, ConsentChange)],
-    created: bool,
-) -> Result<(ContactRow, Option<ContactChanged>), ApiError> {
-    let mut changed = Vec::new();
-    for (channel, requested) in changes {
-        let current = contact.consent(*channel).status();
-        let Some(next) = consent::next(current, requested) else {
-            continue;
+        let company_id = match filter.company_id.trim() {
+            "" => None,
+            id => Some(rapport_core::ids::parse_id("filter.company_id", id)?),
         };
-        let column = channel.as_str();
-        contact = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
-            "UPDATE contacts SET {column}_consent = $3, {column}_consent_reason = $4, {column}_consent_at = now(), updated_at = now()
-             WHERE workspace_id = $1 AND contact_id = $2 RETURNING {COLUMNS}"
-        )))
-        .bind(workspace.0)
-        .bind(contact.contact_id)
-        .bind(status_text(next))
-        .bind(&requested.reason)
-        .fetch_one(&mut **transaction)
-        .await
-        .map_err(map_db_error)?;
-        sqlx::query(
-            "INSERT INTO consent_changes (workspace_id, contact_id, channel, status, previous_status, reason)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(workspace.0)
-        .bind(contact.contact_id)
-        .bind(column)
-        .bind(status_text(next))
-        .bind(status_text(current))
-        .bind(&requested.reason)
-        .execute(&mut **transaction)
-        .await
-        .map_err(map_db_error)?;
-        changed.push(format!("{column}_consent"));
+        let custom = filter
+            .custom_fields
+            .as_ref()
+            .map(struct_to_json)
+            .filter(|v| v.as_object().is_some_and(|o| !o.is_empty()));
+        let email_consent = match filter.email_consent() {
+            rapport_proto::common::v1::ConsentStatus::Unspecified => None,
+            status => Some(crate::consent::status_text(status).to_owned()),
+        };
+        Ok((
+            Filter {
+                stage: text(&filter.lifecycle_stage)
+                    .or_else(|| text(legacy_stage))
+                    .map(|s| s.to_lowercase()),
+                tag: text(&filter.tag),
+                owner_id: text(&filter.owner_id),
+                company_id,
+                custom_fields: None,
+                updated_after: filter
+                    .updated_after
+                    .as_ref()
+                    .and_then(rapport_core::time::from_timestamp),
+                email_consent,
+            },
+            custom,
+        ))
     }
-    if changed.is_empty() {
-        return Ok((contact, change));
-    }
-    let mut event = change.take().unwrap_or_else(|| ContactChanged {
-        contact_id: contact.contact_id.to_string(),
-        change_type: ChangeType::Updated.into(),
-        ..Default::default()
-    });
-    if !created {
-        event.changed_fields.extend(changed);
-    }
-    event.contact = Some(contact.snapshot());
-    Ok((contact, Some(event)))
+}
+
+pub async fn identities_of<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    workspace: WorkspaceId,
+    contacts: &[Uuid],
+) -> Result<Vec<IdentityRow>, ApiError> {
+    sqlx::query_as::<_, IdentityRow>(
+        "SELECT contact_id, kind, value FROM identities
+         WHERE workspace_id = $1 AND contact_id = ANY($2)
+         ORDER BY contact_id, kind, created_at, value",
+    )
+    .bind(workspace.0)
+    .bind(contacts)
+    .fetch_all(executor)
+    .await
+    .map_err(map_db_error)
 }
 
 /// The stages of a workspace that has not set its own.
 pub const DEFAULT_STAGES: [&str; 5] = ["lead", "customer", "repeat_buyer", "at_risk", "churned"];
 
-async fn stages_in<'e>(
+pub async fn stages_in<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     workspace: WorkspaceId,
 ) -> Result<Vec<String>, ApiError> {
@@ -689,29 +608,6 @@ async fn stages_in<'e>(
             .await
             .map_err(map_db_error)?;
     Ok(stages.unwrap_or_else(|| DEFAULT_STAGES.iter().map(|s| (*s).to_owned()).collect()))
-}
-
-async fn record_stage_change(
-    transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    workspace: WorkspaceId,
-    contact: &ContactRow,
-    previous_stage: &str,
-    cause: &str,
-) -> Result<(), ApiError> {
-    sqlx::query(
-        "INSERT INTO stage_changes (workspace_id, contact_id, change_id, stage, previous_stage, cause)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(workspace.0)
-    .bind(contact.contact_id)
-    .bind(rapport_core::ids::new_id())
-    .bind(&contact.lifecycle_stage)
-    .bind(previous_stage)
-    .bind(cause)
-    .execute(&mut **transaction)
-    .await
-    .map_err(map_db_error)?;
-    Ok(())
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -744,7 +640,8 @@ impl Store {
             .map_err(map_db_error)?;
         let in_use: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT lifecycle_stage FROM contacts
-             WHERE workspace_id = $1 AND NOT (lifecycle_stage = ANY($2)) ORDER BY 1 LIMIT 10",
+             WHERE workspace_id = $1 AND lifecycle_stage <> '' AND NOT (lifecycle_stage = ANY($2))
+             ORDER BY 1 LIMIT 10",
         )
         .bind(workspace.0)
         .bind(&stages)
@@ -781,7 +678,7 @@ impl Store {
         before: Option<Uuid>,
         limit: i64,
     ) -> Result<Vec<StageChangeRow>, ApiError> {
-        self.get(workspace, contact_id).await?;
+        let contact_id = self.get(workspace, contact_id).await?.contact_id;
         sqlx::query_as::<_, StageChangeRow>(
             "SELECT change_id, stage, previous_stage, cause, changed_at FROM stage_changes
              WHERE workspace_id = $1 AND contact_id = $2 AND ($3::uuid IS NULL OR change_id < $3)

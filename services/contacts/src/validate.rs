@@ -1,6 +1,13 @@
 //! Checks on what clients send, producing field violations.
 
 use rapport_core::FieldViolation;
+use rapport_core::json::struct_to_json;
+use rapport_proto::common::v1::{Consent, ConsentStatus};
+use rapport_proto::contacts::v1::Contact;
+
+use crate::consent::ConsentChange;
+use crate::store::TouchRecord;
+use crate::write::ContactInput;
 
 /// Largest attributes object accepted, in bytes of JSON.
 pub const MAX_ATTRIBUTES_BYTES: usize = 64 * 1024;
@@ -63,6 +70,272 @@ pub fn check_text(field: &str, value: &str, violations: &mut Vec<FieldViolation>
             description: format!("is longer than {MAX_TEXT} characters"),
         });
     }
+}
+
+/// Checks an external id, `system:id`: a lower-case system name, a colon,
+/// and an id of up to 200 characters.
+pub fn normalise_external_id(raw: &str) -> Result<String, &'static str> {
+    let raw = raw.trim();
+    let Some((system, id)) = raw.split_once(':') else {
+        return Err("must be `system:id`, such as salesforce:0035e00001");
+    };
+    let system = system.trim().to_lowercase();
+    let id = id.trim();
+    let valid_system = !system.is_empty()
+        && system.len() <= 40
+        && system
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if !valid_system {
+        return Err("has a system name that is not 1 to 40 lower-case letters, digits, - or _");
+    }
+    if id.is_empty() || id.chars().count() > 200 || id.contains(char::is_whitespace) {
+        return Err("has an id that is not 1 to 200 characters without spaces");
+    }
+    Ok(format!("{system}:{id}"))
+}
+
+/// Checks the contact a client sent, adding violations under `path`
+/// ("contact", "contacts[3]", or "" for CSV columns), and returns it as a
+/// write.
+pub fn check_contact(
+    contact: &Contact,
+    path: &str,
+    violations: &mut Vec<FieldViolation>,
+) -> ContactInput {
+    let at = |name: &str| {
+        if path.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{path}.{name}")
+        }
+    };
+    let before = violations.len();
+    let mut violation = |field: String, description: &str| {
+        violations.push(FieldViolation {
+            field,
+            description: description.to_owned(),
+        });
+    };
+    let contact_id = match contact.contact_id.trim() {
+        "" => None,
+        id => match uuid::Uuid::parse_str(id) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                violation(at("contact_id"), "is not a contact id");
+                None
+            }
+        },
+    };
+    let email = if contact.email.trim().is_empty() {
+        String::new()
+    } else {
+        normalise_email(&contact.email).unwrap_or_else(|reason| {
+            violation(at("email"), reason);
+            String::new()
+        })
+    };
+    let phone = normalise_phone(&contact.phone).unwrap_or_else(|reason| {
+        violation(at("phone"), reason);
+        String::new()
+    });
+    let time_zone = contact.time_zone.trim();
+    if !time_zone.is_empty() && time_zone.parse::<chrono_tz::Tz>().is_err() {
+        violation(
+            at("time_zone"),
+            "is not an IANA time zone such as Europe/Paris",
+        );
+    }
+    let locale = contact.locale.trim();
+    let valid_locale = locale.is_empty()
+        || (locale.len() <= 35 && {
+            let mut parts = locale.split(['-', '_']);
+            let language = parts.next().unwrap_or("");
+            (2..=3).contains(&language.len())
+                && language.chars().all(|c| c.is_ascii_alphabetic())
+                && parts.all(|p| {
+                    (1..=8).contains(&p.len()) && p.chars().all(|c| c.is_ascii_alphanumeric())
+                })
+        });
+    if !valid_locale {
+        violation(at("locale"), "is not a language tag such as fr-FR");
+    }
+    let country = contact.country.trim().to_uppercase();
+    if !country.is_empty() && country.parse::<phonenumber::country::Id>().is_err() {
+        violation(
+            at("country"),
+            "is not an ISO 3166-1 alpha-2 country code such as FR",
+        );
+    }
+    let company_id = match contact.company_id.trim() {
+        "" => None,
+        id => match uuid::Uuid::parse_str(id) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                violation(at("company_id"), "is not a company id");
+                None
+            }
+        },
+    };
+    let mut external_ids = Vec::new();
+    for (index, id) in contact.external_ids.iter().enumerate() {
+        match normalise_external_id(id) {
+            Ok(id) => external_ids.push(id),
+            Err(reason) => violation(at(&format!("external_ids[{index}]")), reason),
+        }
+    }
+    let mut anonymous_ids = Vec::new();
+    for (index, id) in contact.anonymous_ids.iter().enumerate() {
+        let id = id.trim();
+        if id.is_empty() || id.chars().count() > 200 {
+            violation(
+                at(&format!("anonymous_ids[{index}]")),
+                "must be 1 to 200 characters",
+            );
+        } else {
+            anonymous_ids.push(id.to_owned());
+        }
+    }
+    if contact.external_ids.len() > 20 || contact.anonymous_ids.len() > 50 {
+        violation(
+            at("external_ids"),
+            "a contact is sent with at most 20 external and 50 anonymous ids",
+        );
+    }
+    for (field, value) in [
+        ("first_name", &contact.first_name),
+        ("last_name", &contact.last_name),
+        ("company", &contact.company),
+        ("job_title", &contact.job_title),
+        ("owner_id", &contact.owner_id),
+        ("lifecycle_stage", &contact.lifecycle_stage),
+        ("source", &contact.source),
+    ] {
+        check_text(&at(field), value, violations);
+    }
+    if contact.tags.len() > 100 {
+        violations.push(FieldViolation {
+            field: at("tags"),
+            description: "holds more than 100 tags".into(),
+        });
+    }
+    for (index, tag) in contact.tags.iter().enumerate() {
+        check_text(&at(&format!("tags[{index}]")), tag, violations);
+    }
+    let attributes = contact
+        .attributes
+        .as_ref()
+        .map(struct_to_json)
+        .and_then(|v| v.as_object().cloned())
+        .unwrap_or_default();
+    if serde_json::to_string(&attributes).map_or(0, |s| s.len()) > MAX_ATTRIBUTES_BYTES {
+        violations.push(FieldViolation {
+            field: at("attributes"),
+            description: format!("is larger than {MAX_ATTRIBUTES_BYTES} bytes"),
+        });
+    }
+    let custom_fields = contact
+        .custom_fields
+        .as_ref()
+        .map(struct_to_json)
+        .and_then(|v| v.as_object().cloned())
+        .unwrap_or_default();
+    if serde_json::to_string(&custom_fields).map_or(0, |s| s.len()) > MAX_ATTRIBUTES_BYTES {
+        violations.push(FieldViolation {
+            field: at("custom_fields"),
+            description: format!("is larger than {MAX_ATTRIBUTES_BYTES} bytes"),
+        });
+    }
+    let touch = contact
+        .last_touch
+        .as_ref()
+        .or(contact.first_touch.as_ref())
+        .map(|t| TouchRecord::from_proto(t, chrono::Utc::now()));
+    if let Some(touch) = &touch {
+        for (field, value) in [
+            ("source", &touch.source),
+            ("medium", &touch.medium),
+            ("campaign", &touch.campaign),
+            ("term", &touch.term),
+            ("content", &touch.content),
+        ] {
+            check_text(&at(&format!("last_touch.{field}")), value, violations);
+        }
+        for (field, value) in [
+            ("referrer", &touch.referrer),
+            ("landing_url", &touch.landing_url),
+        ] {
+            if value.len() > 2_000 {
+                violations.push(FieldViolation {
+                    field: at(&format!("last_touch.{field}")),
+                    description: "is longer than 2000 characters".into(),
+                });
+            }
+        }
+    }
+    let identified = contact_id.is_some()
+        || !email.is_empty()
+        || !phone.is_empty()
+        || !external_ids.is_empty()
+        || !anonymous_ids.is_empty();
+    if !identified && violations.len() == before {
+        violations.push(FieldViolation {
+            field: at("email"),
+            description:
+                "is required when the contact has no contact_id, phone, external id or anonymous id"
+                    .into(),
+        });
+    }
+    let mut tags: Vec<String> = contact
+        .tags
+        .iter()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .collect();
+    tags.sort();
+    tags.dedup();
+    ContactInput {
+        contact_id,
+        email,
+        phone,
+        first_name: contact.first_name.trim().to_owned(),
+        last_name: contact.last_name.trim().to_owned(),
+        company: contact.company.trim().to_owned(),
+        job_title: contact.job_title.trim().to_owned(),
+        time_zone: time_zone.to_owned(),
+        locale: locale.replace('_', "-"),
+        country,
+        owner_id: contact.owner_id.trim().to_owned(),
+        lifecycle_stage: contact.lifecycle_stage.trim().to_lowercase(),
+        company_id,
+        tags,
+        attributes,
+        custom_fields,
+        external_ids,
+        anonymous_ids,
+        touch,
+        source: contact.source.trim().to_owned(),
+        email_consent: consent_from_proto(contact.email_consent.as_ref()),
+        sms_consent: consent_from_proto(contact.sms_consent.as_ref()),
+        confirmation: None,
+        stage_cause: String::new(),
+        path: path.to_owned(),
+        field_times: Vec::new(),
+    }
+}
+
+/// A consent an API caller set: a status other than unspecified.
+fn consent_from_proto(consent: Option<&Consent>) -> Option<ConsentChange> {
+    let consent = consent?;
+    let status = consent.status();
+    if status == ConsentStatus::Unspecified {
+        return None;
+    }
+    let reason = match consent.reason.trim() {
+        "" => "api",
+        reason => reason,
+    };
+    Some(ConsentChange::new(status, reason))
 }
 
 #[cfg(test)]

@@ -1,6 +1,13 @@
 //! Intent rules: per-workspace rules that mark events with a signal
 //! ("pricing_page_view", "demo_request", "return_visit") before they are
 //! published, so segmentation and automation can act on intent.
+//!
+//! Return-visit rules keep one row per visitor in `visits`: the event's user
+//! id (the sender's own id for the person), else its anonymous id, and the
+//! time of its last page view; nothing else. No row is keyed by contact id,
+//! and a contact erasure (`CHANGE_TYPE_ERASED`) carries no snapshot, so
+//! nothing links an erased contact to its rows: ingestion does not consume
+//! contact changes, and erasures and merges remove nothing here.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

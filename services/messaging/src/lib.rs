@@ -22,6 +22,7 @@ use rapport_proto::messaging::v1::messaging_service_server::{
 use rapport_proto::messaging::v1::*;
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use uuid::Uuid;
 
 mod feedback;
@@ -57,7 +58,7 @@ pub async fn build(
         waker: waker.clone(),
     });
     // Ingested events (opens, clicks, unsubscribes, confirmations) and
-    // contact changes (double opt-in requests).
+    // contact changes (double opt-in requests, erasures and merges).
     let consumer = bus
         .subscribe(
             Subscription::new(
@@ -216,7 +217,17 @@ impl MessagingService for MessagingApi {
         request: Request<SendMessageRequest>,
     ) -> Result<Response<SendMessageResponse>, Status> {
         let workspace = workspace_of(&request)?;
-        let response = self.sender.send(workspace, request.into_inner()).await?;
+        // The send runs on its own task, so a caller that goes away (a
+        // crashed journey runner, a cancelled call) cannot abandon it between
+        // the mail server's acceptance and the commit that records it; the
+        // caller's retry then finds the recorded send and delivers nothing.
+        let sender = self.sender.clone();
+        let request = request.into_inner();
+        let send =
+            tokio::spawn(async move { sender.send(workspace, request).await }.in_current_span());
+        let response = send
+            .await
+            .map_err(|error| Status::from(ApiError::internal(&error)))??;
         Ok(Response::new(response))
     }
 }

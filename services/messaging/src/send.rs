@@ -4,9 +4,11 @@
 //!
 //! A transaction-scoped advisory lock on (workspace, idempotency key) is held
 //! while the mail server is talked to, so two calls with one key never both
-//! deliver. If the process dies after the mail server
-//! accepted the message but before the commit, a retry delivers it again:
-//! that window is the time of one SMTP acknowledgement.
+//! deliver. The API runs each send on a task of its own, so a caller that
+//! disconnects mid-send does not abandon it before the commit. If the
+//! messaging process itself dies after the mail server accepted the message
+//! but before the commit, a retry delivers it again: that window is the time
+//! of one SMTP acknowledgement.
 
 use std::sync::Arc;
 

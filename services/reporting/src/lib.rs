@@ -57,6 +57,12 @@ pub async fn build(
 
 /// Keeps the rollups: message lifecycle counts per day, journey and
 /// template; new leads per day and source.
+///
+/// Nothing here is per contact: the tables hold counts keyed by day,
+/// journey, template and source, and `processed_events` holds event ids. An
+/// erasure (`CHANGE_TYPE_ERASED`) or a merge (`CHANGE_TYPE_MERGED`) therefore
+/// has nothing to delete or re-point, and neither moves a count: a contact
+/// erased or merged away stays counted in the aggregates it was counted in.
 struct Rollups {
     pool: PgPool,
 }
@@ -98,6 +104,8 @@ impl Rollups {
         change: &rapport_proto::events::v1::ContactChanged,
     ) -> Result<(), HandlerError> {
         use rapport_proto::events::v1::contact_changed::ChangeType;
+        // Only creations count; erasures and merges leave the counts alone
+        // (see `Rollups`).
         let Some(contact) = &change.contact else {
             return Ok(());
         };

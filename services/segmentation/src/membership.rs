@@ -4,6 +4,11 @@
 //! model and re-evaluates the workspace's segments for that contact. Entries
 //! and exits are written with their `MembershipChanged` events in the same
 //! transaction (outbox), so a redelivered change finds nothing to do.
+//!
+//! An erased contact (`CHANGE_TYPE_ERASED`) loses its profile and every
+//! membership, each exit published as usual. A merge (`CHANGE_TYPE_MERGED`)
+//! does the same for every merged id and evaluates the survivor, in one
+//! transaction.
 
 use std::sync::Arc;
 
@@ -138,9 +143,79 @@ async fn reconcile(
     Ok(changed)
 }
 
+/// Records a contact's new profile (or, with no snapshot, its erasure) and
+/// re-evaluates every segment of the workspace for it, within `transaction`;
+/// returns whether a membership changed. A snapshot older than the stored
+/// profile writes nothing and returns false.
+///
+/// An erasure deletes the contact's row in `contact_profiles` (its personal
+/// data: email, phone, names, company, attributes) and every membership it
+/// has in a segment of the workspace, each exit with its `MembershipChanged`.
+async fn apply_in(
+    transaction: &mut Transaction<'_, Postgres>,
+    workspace: Uuid,
+    contact_id: &str,
+    snapshot: Option<&ContactSnapshot>,
+    cause_event_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let now = Utc::now();
+    let profile = match snapshot {
+        Some(snapshot) => {
+            let version: DateTime<Utc> = snapshot
+                .update_time
+                .as_ref()
+                .and_then(from_timestamp)
+                .unwrap_or(now);
+            let profile = profile(snapshot);
+            let stored = sqlx::query(
+                "INSERT INTO contact_profiles (workspace_id, contact_id, profile, version) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (workspace_id, contact_id) DO UPDATE SET profile = EXCLUDED.profile, version = EXCLUDED.version
+                 WHERE contact_profiles.version <= EXCLUDED.version",
+            )
+            .bind(workspace)
+            .bind(contact_id)
+            .bind(&profile)
+            .bind(version)
+            .execute(&mut **transaction)
+            .await?
+            .rows_affected();
+            if stored == 0 {
+                // An older change arriving late: the newer one already decided.
+                return Ok(false);
+            }
+            Some(profile)
+        }
+        None => {
+            sqlx::query("DELETE FROM contact_profiles WHERE workspace_id = $1 AND contact_id = $2")
+                .bind(workspace)
+                .bind(contact_id)
+                .execute(&mut **transaction)
+                .await?;
+            None
+        }
+    };
+    let mut changed = false;
+    for (segment_id, segment) in segments(transaction, workspace).await? {
+        let member = match (&profile, &segment.condition) {
+            (Some(profile), Some(condition)) => matches(condition, profile, now),
+            _ => false,
+        };
+        changed |= reconcile(
+            transaction,
+            workspace,
+            segment_id,
+            contact_id,
+            member,
+            cause_event_id,
+        )
+        .await?;
+    }
+    Ok(changed)
+}
+
 impl Engine {
     /// Records a contact's new profile (or its erasure) and re-evaluates every
-    /// segment of the workspace for it.
+    /// segment of the workspace for it, in one transaction.
     pub async fn apply_contact(
         &self,
         workspace: Uuid,
@@ -148,61 +223,52 @@ impl Engine {
         snapshot: Option<&ContactSnapshot>,
         cause_event_id: &str,
     ) -> Result<(), sqlx::Error> {
-        let now = Utc::now();
         let mut transaction = self.pool.begin().await?;
-        let profile = match snapshot {
-            Some(snapshot) => {
-                let version: DateTime<Utc> = snapshot
-                    .update_time
-                    .as_ref()
-                    .and_then(from_timestamp)
-                    .unwrap_or(now);
-                let profile = profile(snapshot);
-                let stored = sqlx::query(
-                    "INSERT INTO contact_profiles (workspace_id, contact_id, profile, version) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (workspace_id, contact_id) DO UPDATE SET profile = EXCLUDED.profile, version = EXCLUDED.version
-                     WHERE contact_profiles.version <= EXCLUDED.version",
-                )
-                .bind(workspace)
-                .bind(contact_id)
-                .bind(&profile)
-                .bind(version)
-                .execute(&mut *transaction)
-                .await?
-                .rows_affected();
-                if stored == 0 {
-                    // An older change arriving late: the newer one already decided.
-                    return Ok(());
-                }
-                Some(profile)
-            }
-            None => {
-                sqlx::query(
-                    "DELETE FROM contact_profiles WHERE workspace_id = $1 AND contact_id = $2",
-                )
-                .bind(workspace)
-                .bind(contact_id)
-                .execute(&mut *transaction)
-                .await?;
-                None
-            }
-        };
-        let mut changed = false;
-        for (segment_id, segment) in segments(&mut transaction, workspace).await? {
-            let member = match (&profile, &segment.condition) {
-                (Some(profile), Some(condition)) => matches(condition, profile, now),
-                _ => false,
-            };
-            changed |= reconcile(
-                &mut transaction,
-                workspace,
-                segment_id,
-                contact_id,
-                member,
-                cause_event_id,
-            )
-            .await?;
+        let changed = apply_in(
+            &mut transaction,
+            workspace,
+            contact_id,
+            snapshot,
+            cause_event_id,
+        )
+        .await?;
+        transaction.commit().await?;
+        if changed {
+            self.waker.wake();
         }
+        Ok(())
+    }
+
+    /// Applies a merge in one transaction: each merged id is removed exactly
+    /// as an erasure removes a contact (its profile and its memberships,
+    /// each exit with its `MembershipChanged`), then the survivor's snapshot
+    /// is recorded and evaluated as any other change. Applying it again finds
+    /// nothing left to remove and a profile no newer than the stored one.
+    pub async fn apply_merge(
+        &self,
+        workspace: Uuid,
+        survivor_id: &str,
+        merged_ids: &[String],
+        survivor: &ContactSnapshot,
+        cause_event_id: &str,
+    ) -> Result<(), sqlx::Error> {
+        let mut transaction = self.pool.begin().await?;
+        let mut changed = false;
+        for merged_id in merged_ids {
+            if merged_id.is_empty() || merged_id == survivor_id {
+                continue;
+            }
+            changed |=
+                apply_in(&mut transaction, workspace, merged_id, None, cause_event_id).await?;
+        }
+        changed |= apply_in(
+            &mut transaction,
+            workspace,
+            survivor_id,
+            Some(survivor),
+            cause_event_id,
+        )
+        .await?;
         transaction.commit().await?;
         if changed {
             self.waker.wake();
@@ -252,7 +318,9 @@ impl Engine {
     }
 }
 
-/// Feeds contact changes to the engine.
+/// Feeds contact changes to the engine. An erasure removes the contact's
+/// profile and memberships; a merge removes each merged id's the same way and
+/// evaluates the survivor (see `Engine::apply_merge`).
 pub struct ContactChangeHandler {
     pub engine: Arc<Engine>,
 }
@@ -274,9 +342,24 @@ impl Handler for ContactChangeHandler {
                 HandlerError::Permanent("contact change without a snapshot".into())
             })?),
         };
-        self.engine
-            .apply_contact(workspace, &change.contact_id, snapshot, &envelope.event_id)
-            .await
-            .map_err(|error| HandlerError::Retryable(error.to_string()))
+        let applied = match (change.change_type(), snapshot) {
+            (ChangeType::Merged, Some(survivor)) => {
+                self.engine
+                    .apply_merge(
+                        workspace,
+                        &change.contact_id,
+                        &change.merged_contact_ids,
+                        survivor,
+                        &envelope.event_id,
+                    )
+                    .await
+            }
+            (_, snapshot) => {
+                self.engine
+                    .apply_contact(workspace, &change.contact_id, snapshot, &envelope.event_id)
+                    .await
+            }
+        };
+        applied.map_err(|error| HandlerError::Retryable(error.to_string()))
     }
 }
