@@ -293,6 +293,8 @@ impl Store {
             }
         }
         let _ = parser.await;
+        // Rows the parser refused are reported before rows the write did.
+        response.errors.sort_by_key(|error| error.row);
         Ok(response)
     }
 

@@ -321,6 +321,7 @@ impl ContactRow {
 }
 
 /// A contact with its identities.
+#[derive(Debug, Clone)]
 pub struct Profile {
     pub row: ContactRow,
     pub identities: Vec<IdentityRow>,

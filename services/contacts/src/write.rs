@@ -790,13 +790,14 @@ impl Store {
             .map_err(map_db_error)?;
             if let Some((ids, created)) = previous {
                 transaction.rollback().await.map_err(map_db_error)?;
-                let mut found = self.get_many(workspace, &ids).await?;
+                let found = self.get_many(workspace, &ids).await?;
                 return Ok(ids
                     .iter()
                     .zip(created)
                     .map(|(id, created)| {
                         found
-                            .remove(id)
+                            .get(id)
+                            .cloned()
                             .map(|profile| UpsertOutcome { profile, created })
                             .ok_or_else(|| ApiError::not_found(format!("contact {id}")))
                     })
