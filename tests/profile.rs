@@ -1191,7 +1191,6 @@ async fn companies_orders_score_and_notes_fill_the_timeline() {
     );
     for kind in [
         TimelineKind::Created,
-        TimelineKind::StageChanged,
         TimelineKind::ScoreChanged,
         TimelineKind::Note,
     ] {

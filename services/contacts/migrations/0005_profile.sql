@@ -165,3 +165,6 @@ CREATE TABLE deals (
     PRIMARY KEY (workspace_id, connector, deal_id)
 );
 CREATE INDEX deals_contact ON deals (workspace_id, contact_id) WHERE contact_id IS NOT NULL;
+
+-- Replaced by batch_requests, which holds single upserts too.
+DROP TABLE upsert_requests;

@@ -320,7 +320,7 @@ impl Store {
         timeline::insert(transaction, workspace, &[entry]).await?;
         outbox::enqueue_many(
             transaction,
-            &[event_record(
+            vec![event_record(
                 workspace,
                 ContactChanged {
                     contact_id: row.contact_id.to_string(),

@@ -94,7 +94,7 @@ impl Store {
         .map_err(map_db_error)?;
         outbox::enqueue_many(
             &mut transaction,
-            &[event_record(
+            vec![event_record(
                 workspace,
                 ContactChanged {
                     contact_id: contact_id.to_string(),

@@ -65,6 +65,23 @@ pub const COLUMNS: &str = "workspace_id, contact_id, email, phone, first_name, l
     job_title, time_zone, locale, country, owner_id, score, custom_fields, first_touch, last_touch, company_id, \
     order_count, first_purchase_at, last_purchase_at, spend";
 
+/// [`COLUMNS`] of the table aliased `c`.
+static COLUMNS_OF_C: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    COLUMNS
+        .split(',')
+        .map(|column| format!("c.{}", column.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+});
+
+#[derive(FromRow)]
+struct FoundRow {
+    asked: Uuid,
+    identity_list: Vec<String>,
+    #[sqlx(flatten)]
+    row: ContactRow,
+}
+
 /// One identity of a contact: kind is email, phone, external or anonymous.
 #[derive(Debug, Clone, FromRow, PartialEq, Eq, Hash)]
 pub struct IdentityRow {
@@ -418,39 +435,45 @@ impl Store {
         workspace: WorkspaceId,
         ids: &[Uuid],
     ) -> Result<HashMap<Uuid, Profile>, ApiError> {
-        let rows = sqlx::query_as::<_, (Uuid, Uuid)>(
-            "SELECT asked, COALESCE(m.survivor_id, asked) FROM UNNEST($2::uuid[]) AS asked
-             LEFT JOIN merged_contacts m ON m.workspace_id = $1 AND m.merged_id = asked",
-        )
+        // One round trip: merged ids resolved, identities folded in.
+        let rows = sqlx::query_as::<_, FoundRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT asked.id AS asked, \
+                (SELECT COALESCE(array_agg(i.kind || ':' || i.value ORDER BY i.kind, i.created_at, i.value), '{{}}')
+                   FROM identities i WHERE i.workspace_id = c.workspace_id AND i.contact_id = c.contact_id) AS identity_list, \
+                {columns}
+             FROM UNNEST($2::uuid[]) AS asked(id)
+             LEFT JOIN merged_contacts m ON m.workspace_id = $1 AND m.merged_id = asked.id
+             JOIN contacts c ON c.workspace_id = $1 AND c.contact_id = COALESCE(m.survivor_id, asked.id)",
+            columns = *COLUMNS_OF_C
+        )))
         .bind(workspace.0)
         .bind(ids)
         .fetch_all(&self.pool)
         .await
         .map_err(map_db_error)?;
-        let targets: Vec<Uuid> = rows.iter().map(|(_, target)| *target).collect();
-        let contacts = sqlx::query_as::<_, ContactRow>(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM contacts WHERE workspace_id = $1 AND contact_id = ANY($2)"
-        )))
-        .bind(workspace.0)
-        .bind(&targets)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_db_error)?;
-        let identities = identities_of(&self.pool, workspace, &targets).await?;
-        let by_id: HashMap<Uuid, ContactRow> = contacts
-            .into_iter()
-            .map(|row| (row.contact_id, row))
-            .collect();
         Ok(rows
             .into_iter()
-            .filter_map(|(asked, target)| {
-                let row = by_id.get(&target)?.clone();
-                let identities = identities
-                    .iter()
-                    .filter(|i| i.contact_id == target)
-                    .cloned()
+            .map(|found| {
+                let contact_id = found.row.contact_id;
+                let identities = found
+                    .identity_list
+                    .into_iter()
+                    .filter_map(|entry| {
+                        let (kind, value) = entry.split_once(':')?;
+                        Some(IdentityRow {
+                            contact_id,
+                            kind: kind.to_owned(),
+                            value: value.to_owned(),
+                        })
+                    })
                     .collect();
-                Some((asked, Profile { row, identities }))
+                (
+                    found.asked,
+                    Profile {
+                        row: found.row,
+                        identities,
+                    },
+                )
             })
             .collect())
     }

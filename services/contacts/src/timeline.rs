@@ -45,12 +45,18 @@ impl Entry {
         self
     }
 
-    pub fn created(contact_id: Uuid, source: &str) -> Self {
+    /// A new contact, and the stage it starts in (empty when anonymous).
+    pub fn created(contact_id: Uuid, source: &str, stage: &str) -> Self {
+        let summary = if stage.is_empty() {
+            format!("Created (source: {source})")
+        } else {
+            format!("Created as {stage} (source: {source})")
+        };
         Entry::new(
             contact_id,
             "created",
-            format!("Created (source: {source})"),
-            serde_json::json!({ "source": source }),
+            summary,
+            serde_json::json!({ "source": source, "stage": stage }),
         )
     }
 

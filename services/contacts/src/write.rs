@@ -619,7 +619,7 @@ pub async fn save_rows(
     if rows.is_empty() {
         return Ok(());
     }
-    let json = serde_json::to_value(rows).map_err(|error| ApiError::internal(&error))?;
+    let json = sqlx::types::Json(rows);
     let updates = COLUMNS
         .split(',')
         .map(str::trim)
@@ -937,6 +937,19 @@ impl Store {
             planned.push(result);
         }
 
+        // Each contact's identities, once, for the events and the answer.
+        let mut identities_by_contact: HashMap<Uuid, Vec<IdentityRow>> = HashMap::new();
+        for identity in &plan.identities {
+            let owner = plan.survivor(identity.contact_id);
+            identities_by_contact
+                .entry(owner)
+                .or_default()
+                .push(IdentityRow {
+                    contact_id: owner,
+                    ..identity.clone()
+                });
+        }
+
         // Write.
         for (survivor, merged) in &plan.merges {
             let survivor = plan.survivor(*survivor);
@@ -979,15 +992,20 @@ impl Store {
                     previous_stage.clone(),
                     working.cause.clone(),
                 ));
-                entries.push(Entry::stage(
-                    *id,
-                    &previous_stage,
-                    &row.lifecycle_stage,
-                    &working.cause,
-                ));
+                // A new contact's first stage is part of its creation entry.
+                if change_type != ChangeType::Created {
+                    entries.push(Entry::stage(
+                        *id,
+                        &previous_stage,
+                        &row.lifecycle_stage,
+                        &working.cause,
+                    ));
+                }
             }
             match change_type {
-                ChangeType::Created => entries.push(Entry::created(*id, &row.source)),
+                ChangeType::Created => {
+                    entries.push(Entry::created(*id, &row.source, &row.lifecycle_stage))
+                }
                 _ if !changed.is_empty() => {
                     entries.push(Entry::fields(*id, &changed, &working.source))
                 }
@@ -1011,7 +1029,9 @@ impl Store {
                 ContactChanged {
                     contact_id: contact_id.clone(),
                     change_type: change_type.into(),
-                    contact: Some(row.snapshot(&plan.identities)),
+                    contact: Some(row.snapshot(
+                        identities_by_contact.get(id).map_or(&[], Vec::as_slice),
+                    )),
                     changed_fields: changed,
                     merged_contact_ids: working.merged.iter().map(Uuid::to_string).collect(),
                     previous_stage: if change_type == ChangeType::StageChanged {
@@ -1161,7 +1181,8 @@ impl Store {
             .map_err(map_db_error)?;
         }
         timeline::insert(&mut transaction, workspace, &entries).await?;
-        outbox::enqueue_many(&mut transaction, &events)
+        let published = !events.is_empty();
+        outbox::enqueue_many(&mut transaction, events)
             .await
             .map_err(map_db_error)?;
 
@@ -1194,27 +1215,18 @@ impl Store {
             .map_err(map_db_error)?;
         }
         transaction.commit().await.map_err(map_db_error)?;
-        if !events.is_empty() {
+        if published {
             self.waker.wake();
         }
-        let identities = &plan.identities;
         Ok(outcomes
             .into_iter()
             .map(|result| {
-                result.map(|(id, created)| {
-                    let row = plan.contacts[&id].row.clone();
-                    let identities = identities
-                        .iter()
-                        .filter(|i| plan.survivor(i.contact_id) == id)
-                        .map(|i| IdentityRow {
-                            contact_id: id,
-                            ..i.clone()
-                        })
-                        .collect();
-                    UpsertOutcome {
-                        profile: Profile { row, identities },
-                        created,
-                    }
+                result.map(|(id, created)| UpsertOutcome {
+                    profile: Profile {
+                        row: plan.contacts[&id].row.clone(),
+                        identities: identities_by_contact.get(&id).cloned().unwrap_or_default(),
+                    },
+                    created,
                 })
             })
             .collect())
@@ -1311,7 +1323,7 @@ impl Store {
         .await?;
         outbox::enqueue_many(
             &mut transaction,
-            &[event_record(
+            vec![event_record(
                 workspace,
                 ContactChanged {
                     contact_id: survivor.to_string(),

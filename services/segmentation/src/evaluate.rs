@@ -18,10 +18,13 @@ pub fn matches(condition: &Condition, profile: &serde_json::Value, now: DateTime
 }
 
 fn lookup<'a>(profile: &'a serde_json::Value, field: &str) -> Option<&'a serde_json::Value> {
-    match field.strip_prefix("attributes.") {
-        Some(attribute) => profile.get("attributes")?.get(attribute),
-        None => profile.get(field),
+    if let Some(attribute) = field.strip_prefix("attributes.") {
+        return profile.get("attributes")?.get(attribute);
     }
+    if let Some(key) = field.strip_prefix("custom_fields.") {
+        return profile.get("custom_fields")?.get(key);
+    }
+    profile.get(field)
 }
 
 fn as_text(value: &serde_json::Value) -> String {
@@ -130,7 +133,26 @@ mod tests {
     #[test]
     fn attributes_tags_and_numbers() {
         let now = Utc::now();
-        let profile = serde_json::json!({"tags": ["vip", "beta"], "attributes": {"plan": "pro", "seats": 12}});
+        let profile = serde_json::json!({
+            "tags": ["vip", "beta"],
+            "attributes": {"plan": "pro", "seats": 12},
+            "custom_fields": {"tier": "gold", "licences": 40.0},
+        });
+        assert!(matches(
+            &field("custom_fields.tier", Operator::Equals, "gold", 0),
+            &profile,
+            now
+        ));
+        assert!(matches(
+            &field("custom_fields.licences", Operator::GreaterThan, "25", 0),
+            &profile,
+            now
+        ));
+        assert!(!matches(
+            &field("custom_fields.tier", Operator::Equals, "pro", 0),
+            &profile,
+            now
+        ));
         assert!(matches(
             &field("tags", Operator::Contains, "vip", 0),
             &profile,

@@ -56,6 +56,22 @@ pub fn profile(snapshot: &ContactSnapshot) -> serde_json::Value {
         "create_time": time(&snapshot.create_time),
         "update_time": time(&snapshot.update_time),
         "source": snapshot.source,
+        "job_title": snapshot.job_title,
+        "time_zone": snapshot.time_zone,
+        "locale": snapshot.locale,
+        "country": snapshot.country,
+        "owner_id": snapshot.owner_id,
+        "score": snapshot.score,
+        "custom_fields": snapshot.custom_fields.as_ref().map(struct_to_json).unwrap_or_else(|| serde_json::json!({})),
+        "company_id": snapshot.company_id,
+        "first_touch_source": snapshot.first_touch_source,
+        "last_touch_source": snapshot.last_touch_source,
+        "order_count": snapshot.order_count,
+        "email_consent": snapshot
+            .email_consent
+            .as_ref()
+            .map(|c| c.status().as_str_name().trim_start_matches("CONSENT_STATUS_").to_lowercase())
+            .unwrap_or_default(),
     })
 }
 
