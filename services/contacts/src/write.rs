@@ -1029,9 +1029,9 @@ impl Store {
                 ContactChanged {
                     contact_id: contact_id.clone(),
                     change_type: change_type.into(),
-                    contact: Some(row.snapshot(
-                        identities_by_contact.get(id).map_or(&[], Vec::as_slice),
-                    )),
+                    contact: Some(
+                        row.snapshot(identities_by_contact.get(id).map_or(&[], Vec::as_slice)),
+                    ),
                     changed_fields: changed,
                     merged_contact_ids: working.merged.iter().map(Uuid::to_string).collect(),
                     previous_stage: if change_type == ChangeType::StageChanged {
