@@ -144,7 +144,15 @@ impl KafkaBus {
         self.send_in_span(record).instrument(span).await
     }
 
-    async fn send_in_span(&self, mut record: Record) -> Result<(), BusError> {
+    async fn send_in_span(&self, record: Record) -> Result<(), BusError> {
+        let topic = record.topic.clone();
+        let result = self.produce(record).await;
+        count(&topic, 1, result.is_ok());
+        result
+    }
+
+    /// Hands one record to the producer and waits for its acknowledgement.
+    async fn produce(&self, mut record: Record) -> Result<(), BusError> {
         crate::trace::inject_current(&mut record);
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in &record.headers {
@@ -170,19 +178,23 @@ impl KafkaBus {
         if let Err(error) = &result {
             self.recover_from_fatal(&producer, error.rdkafka_error_code());
         }
-        let result = result.map_err(|error| classify(&error));
-        let metrics = rapport_metrics::metrics();
-        match &result {
-            Ok(()) => metrics
-                .bus_produced
-                .with_label_values(&[record.topic.as_str()])
-                .inc(),
-            Err(_) => metrics
-                .bus_produce_errors
-                .with_label_values(&[record.topic.as_str()])
-                .inc(),
-        }
-        result
+        result.map_err(|error| classify(&error))
+    }
+}
+
+/// Counts records produced (or refused) on `topic`.
+fn count(topic: &str, records: u64, ok: bool) {
+    let metrics = rapport_metrics::metrics();
+    if ok {
+        metrics
+            .bus_produced
+            .with_label_values(&[topic])
+            .inc_by(records);
+    } else {
+        metrics
+            .bus_produce_errors
+            .with_label_values(&[topic])
+            .inc_by(records);
     }
 }
 
@@ -230,10 +242,40 @@ impl EventBus for KafkaBus {
     }
 
     async fn publish_batch(&self, records: Vec<Record>) -> Result<(), BusError> {
+        use tracing::Instrument;
+        if records.is_empty() {
+            return Ok(());
+        }
+        // One producer span and one count per topic for the whole batch: per
+        // record they cost more than the sends themselves.
+        let mut per_topic: Vec<(String, u64)> = Vec::new();
+        for record in &records {
+            match per_topic
+                .iter_mut()
+                .find(|(topic, _)| *topic == record.topic)
+            {
+                Some((_, count)) => *count += 1,
+                None => per_topic.push((record.topic.clone(), 1)),
+            }
+        }
+        let span = tracing::info_span!(
+            "publish",
+            otel.kind = "producer",
+            otel.name = format!("publish {}", per_topic[0].0),
+            messaging.system = "kafka",
+            messaging.operation.type = "publish",
+            messaging.destination.name = %per_topic[0].0,
+            messaging.batch.message_count = records.len(),
+        );
         // Sends are queued in order per partition; the idempotent producer
         // keeps that order through retries.
-        try_join_all(records.into_iter().map(|record| self.send(record))).await?;
-        Ok(())
+        let result = try_join_all(records.into_iter().map(|record| self.produce(record)))
+            .instrument(span)
+            .await;
+        for (topic, records) in &per_topic {
+            count(topic, *records, result.is_ok());
+        }
+        result.map(|_| ())
     }
 
     async fn subscribe(

@@ -16,6 +16,9 @@ use rapport_proto::events::v1::envelope::Payload;
 use rapport_proto::events::v1::ingested_event::Kind;
 
 use rapport_proto::common::v1::ConsentStatus;
+use rapport_proto::events::v1::message_event::{
+    Channel as MessageChannel, Status as MessageStatus,
+};
 use rapport_proto::events::v1::{IngestedEvent, MessageEvent};
 use uuid::Uuid;
 
@@ -271,6 +274,32 @@ impl IngestedEventHandler {
             Err(error) if error.code == rapport_core::ErrorCode::NotFound => return Ok(()),
             Err(error) => return Err(retry_or_fail(error)),
         };
+        // A bounce or a complaint means: do not contact on that channel.
+        let do_not_contact = match message.status() {
+            MessageStatus::Bounced => Some("bounced"),
+            MessageStatus::Complained => Some("complained"),
+            _ => None,
+        };
+        if let Some(reason) = do_not_contact {
+            let channel = match message.channel() {
+                MessageChannel::Sms => Channel::Sms,
+                _ => Channel::Email,
+            };
+            match self
+                .store
+                .set_consent(
+                    workspace,
+                    contact_id,
+                    channel,
+                    ConsentChange::new(ConsentStatus::Unsubscribed, reason),
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(error) if error.code == rapport_core::ErrorCode::NotFound => return Ok(()),
+                Err(error) => return Err(retry_or_fail(error)),
+            }
+        }
         let status = message
             .status()
             .as_str_name()
