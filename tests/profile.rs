@@ -1683,9 +1683,12 @@ async fn csv_import_reports_bad_rows_and_writes_the_rest_and_export_streams_all(
         .expect("export")
         .into_inner();
     let mut exported = std::collections::HashSet::new();
-    while let Some(contact) = stream.message().await.expect("stream") {
-        exported.insert(contact.email);
+    let mut messages = 0;
+    while let Some(page) = stream.message().await.expect("stream") {
+        messages += 1;
+        exported.extend(page.contacts.into_iter().map(|c| c.email));
     }
+    assert_eq!(messages, 3, "pages of up to 500 contacts");
     assert_eq!(exported.len(), 1_204, "1,203 bulk contacts and Ada");
     assert!(exported.contains("ada@example.com"));
     assert!(!exported.contains("dee@example.com"));

@@ -438,7 +438,8 @@ impl ContactsService for ContactsApi {
         Ok(Response::new(response))
     }
 
-    type ExportContactsStream = Pin<Box<dyn Stream<Item = Result<Contact, Status>> + Send>>;
+    type ExportContactsStream =
+        Pin<Box<dyn Stream<Item = Result<ExportContactsResponse, Status>> + Send>>;
 
     async fn export_contacts(
         &self,
@@ -449,26 +450,28 @@ impl ContactsService for ContactsApi {
             .filter(workspace, request.get_ref().filter.as_ref(), "")
             .await?;
         let store = self.store.clone();
-        // Pages of 500 newest first; None once the last page is sent.
+        // Pages of 500, newest first; the state is None once the last page
+        // is sent.
         let pages = futures::stream::unfold(Some(None::<Uuid>), move |cursor| {
             let store = store.clone();
             let filter = filter.clone();
             async move {
                 let after = cursor?;
                 match store.list(workspace, &filter, after, 500).await {
+                    Ok(rows) if rows.is_empty() && after.is_some() => None,
                     Ok(rows) => {
                         let next =
                             (rows.len() == 500).then(|| rows.last().map(|p| p.row.contact_id));
-                        let contacts: Vec<Result<Contact, Status>> =
-                            rows.iter().map(|p| Ok(p.to_proto())).collect();
-                        Some((contacts, next))
+                        let page = ExportContactsResponse {
+                            contacts: rows.iter().map(|p| p.to_proto()).collect(),
+                        };
+                        Some((Ok(page), next))
                     }
-                    Err(error) => Some((vec![Err(Status::from(error))], None)),
+                    Err(error) => Some((Err(Status::from(error)), None)),
                 }
             }
         });
-        let contacts = pages.flat_map(futures::stream::iter);
-        Ok(Response::new(Box::pin(contacts)))
+        Ok(Response::new(Box::pin(pages)))
     }
 
     async fn define_custom_field(
