@@ -745,6 +745,11 @@ async fn batches_are_all_or_nothing_and_retries_write_nothing() {
                         attributes: json(serde_json::json!({"blob": "x".repeat(70 * 1024)})),
                         ..Default::default()
                     },
+                    Contact {
+                        email: "four@example.com".into(),
+                        first_name: "Fo\u{0}ur".into(),
+                        ..Default::default()
+                    },
                 ],
                 ..Default::default()
             },
@@ -755,7 +760,11 @@ async fn batches_are_all_or_nothing_and_retries_write_nothing() {
     assert_eq!(refused.code(), Code::InvalidArgument);
     assert_eq!(
         fields_of(&refused),
-        ["contacts[1].email", "contacts[2].attributes"]
+        [
+            "contacts[1].email",
+            "contacts[2].attributes",
+            "contacts[3].first_name"
+        ]
     );
     let too_many = contacts
         .batch_upsert_contacts(with_key(
@@ -882,6 +891,77 @@ async fn batches_are_all_or_nothing_and_retries_write_nothing() {
         .await
         .expect_err("bad id");
     assert_eq!(fields_of(&bad_id), ["contact_ids[0]"]);
+    // A single upsert's request id is its own, even when a batch used it.
+    let single = contacts
+        .upsert_contact(with_key(
+            UpsertContactRequest {
+                request_id: "import-2026-12-04".into(),
+                contact: Some(person("single@example.com")),
+                ..Default::default()
+            },
+            key,
+        ))
+        .await
+        .expect("single")
+        .into_inner();
+    assert!(single.created);
+    assert_eq!(single.contact.expect("single").email, "single@example.com");
+
+    // A new contact in a batch that absorbs a known visitor: created, then
+    // merged, and the visitor's id leads to it.
+    let (visitor, _) = upsert(
+        &mut contacts,
+        key,
+        Contact {
+            anonymous_ids: vec!["anon-batch".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let nina = contacts
+        .batch_upsert_contacts(with_key(
+            BatchUpsertContactsRequest {
+                contacts: vec![
+                    person("nina@example.com"),
+                    Contact {
+                        email: "nina@example.com".into(),
+                        anonymous_ids: vec!["anon-batch".into()],
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            },
+            key,
+        ))
+        .await
+        .expect("batch with a merge")
+        .into_inner()
+        .results;
+    assert_eq!(
+        nina.iter().map(|r| r.created).collect::<Vec<_>>(),
+        [true, false]
+    );
+    let nina_id = nina[0].contact.as_ref().expect("nina").contact_id.clone();
+    assert_eq!(
+        get(&mut contacts, key, &visitor.contact_id)
+            .await
+            .expect("visitor")
+            .contact_id,
+        nina_id
+    );
+    let merged = eventually("nina's merge event", &platform, || {
+        let found = changes(&watcher, &nina_id)
+            .into_iter()
+            .find(|c| c.change_type() == ChangeType::Merged);
+        async move { found }
+    })
+    .await;
+    assert_eq!(merged.merged_contact_ids, [visitor.contact_id.clone()]);
+    assert_eq!(
+        changes(&watcher, &nina_id)[0].change_type(),
+        ChangeType::Created
+    );
+
     let globex = platform.create_workspace("Globex").await;
     let theirs = contacts
         .batch_get_contacts(with_key(

@@ -33,10 +33,12 @@ pub fn map_db_error(error: sqlx::Error) -> ApiError {
                         describe_constraint(&constraint)
                     ),
                 ),
-                Some("23502" | "23514" | "22001" | "22P02" | "22003") => ApiError::invalid_field(
-                    describe_constraint(&constraint),
-                    "violates a constraint",
-                ),
+                Some("23502" | "23514" | "22001" | "22P02" | "22003" | "22P05" | "22021") => {
+                    ApiError::invalid_field(
+                        describe_constraint(&constraint),
+                        "violates a constraint",
+                    )
+                }
                 Some("40001" | "40P01") => {
                     ApiError::new(ErrorCode::Aborted, "concurrent change; retry")
                 }

@@ -363,7 +363,12 @@ impl ContactsService for ContactsApi {
         self.check_company(workspace, &refs).await?;
         let results = self
             .store
-            .write(workspace, request_id.as_deref(), inputs, false)
+            .write(
+                workspace,
+                request_id.map(|id| format!("batch:{id}")).as_deref(),
+                inputs,
+                false,
+            )
             .await?;
         let results = results
             .into_iter()

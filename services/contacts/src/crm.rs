@@ -158,11 +158,20 @@ impl CrmHandler {
             ));
         }
         // The source times of the values held now.
-        let existing = self
+        let mut existing = self
             .store
             .find_by_identity(workspace, "external", external_id)
             .await
             .map_err(retry_or_fail)?;
+        if existing.is_none()
+            && let Some(Value::String(email)) = fields.get("email")
+        {
+            existing = self
+                .store
+                .find_by_identity(workspace, "email", email)
+                .await
+                .map_err(retry_or_fail)?;
+        }
         let held: HashMap<String, DateTime<Utc>> = match existing {
             Some(contact_id) => self
                 .store

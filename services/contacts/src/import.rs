@@ -44,7 +44,8 @@ const STANDARD: [&str; 21] = [
 
 /// The request stream's chunks, read as one file by the parser.
 struct ChunkReader {
-    chunks: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// Err: the request stream broke; the file ends in an error, not EOF.
+    chunks: mpsc::Receiver<Result<Vec<u8>, ()>>,
     current: Vec<u8>,
     position: usize,
 }
@@ -52,12 +53,15 @@ struct ChunkReader {
 impl Read for ChunkReader {
     fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
         while self.position >= self.current.len() {
-            match self.chunks.recv() {
-                Ok(chunk) => {
+            match self.chunks.blocking_recv() {
+                Some(Err(())) => {
+                    return Err(std::io::Error::other("the import stream broke"));
+                }
+                Some(Ok(chunk)) => {
                     self.current = chunk;
                     self.position = 0;
                 }
-                Err(_) => return Ok(0),
+                None => return Ok(0),
             }
         }
         let n = buffer.len().min(self.current.len() - self.position);
@@ -240,7 +244,7 @@ impl Store {
         mut chunks: S,
     ) -> Result<ImportContactsResponse, ApiError>
     where
-        S: futures::Stream<Item = Result<(Vec<u8>, String), ApiError>> + Unpin + Send,
+        S: futures::Stream<Item = Result<(Vec<u8>, String), ApiError>> + Unpin + Send + 'static,
     {
         use futures::StreamExt;
 
@@ -248,7 +252,37 @@ impl Store {
             .await?
             .into_keys()
             .collect();
-        let (chunk_sender, chunk_receiver) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+        // The first message names the stage cause.
+        let (first_chunk, stage_cause) = match chunks.next().await {
+            Some(Ok(first)) => first,
+            Some(Err(error)) => return Err(error),
+            None => (Vec::new(), String::new()),
+        };
+        // Three parties, each waiting only on the next: a task forwards the
+        // request stream into a bounded channel, the parser (a blocking
+        // thread) reads it and sends rows back, and this task writes them.
+        let (chunk_sender, chunk_receiver) = mpsc::channel::<Result<Vec<u8>, ()>>(16);
+        let forward = tokio::spawn(async move {
+            if chunk_sender.send(Ok(first_chunk)).await.is_err() {
+                return Ok(());
+            }
+            while let Some(chunk) = chunks.next().await {
+                let bytes = match chunk {
+                    Ok((bytes, _)) => bytes,
+                    Err(error) => {
+                        // The parser drops the unfinished batch: no row
+                        // cut short by the break is written.
+                        let _ = chunk_sender.send(Err(())).await;
+                        return Err(error);
+                    }
+                };
+                if chunk_sender.send(Ok(bytes)).await.is_err() {
+                    // The parser stopped (a bad header): nothing more to read.
+                    break;
+                }
+            }
+            Ok::<(), ApiError>(())
+        });
         let (row_sender, mut row_receiver) = mpsc::channel::<Parsed>(2);
         let parser = tokio::task::spawn_blocking(move || {
             parse(
@@ -262,37 +296,24 @@ impl Store {
             );
         });
         let mut response = ImportContactsResponse::default();
-        let mut stage_cause = String::new();
-        let mut first = true;
-        let mut feeding = Some(chunk_sender);
-        loop {
-            tokio::select! {
-                chunk = chunks.next(), if feeding.is_some() => match chunk {
-                    Some(Ok((bytes, cause))) => {
-                        if first {
-                            stage_cause = cause;
-                            first = false;
-                        }
-                        let sender = feeding.clone().expect("feeding");
-                        // The parser may be busy; wait on a blocking thread.
-                        let sent = tokio::task::spawn_blocking(move || sender.send(bytes)).await;
-                        if !matches!(sent, Ok(Ok(()))) {
-                            feeding = None;
-                        }
-                    }
-                    Some(Err(error)) => return Err(error),
-                    None => feeding = None,
-                },
-                parsed = row_receiver.recv() => match parsed {
-                    Some(Parsed::Failed(error)) => return Err(error),
-                    Some(Parsed::Rows(rows)) => {
-                        self.import_batch(workspace, rows, &stage_cause, &mut response).await?;
-                    }
-                    None => break,
-                },
+        while let Some(parsed) = row_receiver.recv().await {
+            match parsed {
+                Parsed::Failed(error) => {
+                    forward.abort();
+                    return Err(error);
+                }
+                Parsed::Rows(rows) => {
+                    self.import_batch(workspace, rows, &stage_cause, &mut response)
+                        .await?;
+                }
             }
         }
         let _ = parser.await;
+        match forward.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(error),
+            Err(error) => return Err(ApiError::internal(&error)),
+        }
         // Rows the parser refused are reported before rows the write did.
         response.errors.sort_by_key(|error| error.row);
         Ok(response)

@@ -207,19 +207,16 @@ impl IngestedEventHandler {
             confirmation,
             ..Default::default()
         };
+        let fallback = input.clone();
         match self.store.upsert(workspace, None, input).await {
             Ok(outcome) => Ok(outcome.profile.row.contact_id),
             // The user id or anonymous id is someone else's: keep the
             // person's data without linking those ids.
             Err(error) if error.code == rapport_core::ErrorCode::FailedPrecondition => {
                 tracing::info!(%error.message, "identify names ids of two known contacts; linking only the email");
-                let input = ContactInput {
-                    email: normalise_email(&text(traits, &["email"])).unwrap_or_default(),
-                    first_name: text(traits, &["first_name", "firstName"]),
-                    last_name: text(traits, &["last_name", "lastName"]),
-                    source: default_source.to_owned(),
-                    ..Default::default()
-                };
+                let mut input = fallback;
+                input.external_ids.clear();
+                input.anonymous_ids.clear();
                 self.store
                     .upsert(workspace, None, input)
                     .await

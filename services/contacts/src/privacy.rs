@@ -43,6 +43,18 @@ impl Store {
         .await
         .map_err(map_db_error)?;
         if exists.is_none() {
+            // Erased by a concurrent call a moment ago: done as well.
+            let erased: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM erased_contacts WHERE workspace_id = $1 AND contact_id = $2)",
+            )
+            .bind(workspace.0)
+            .bind(contact_id)
+            .fetch_one(&mut *transaction)
+            .await
+            .map_err(map_db_error)?;
+            if erased {
+                return Ok(());
+            }
             return Err(ApiError::not_found(format!("contact {contact_id}")));
         }
         let merged: Vec<Uuid> = sqlx::query_scalar(
@@ -53,6 +65,10 @@ impl Store {
         .fetch_all(&mut *transaction)
         .await
         .map_err(map_db_error)?;
+        // The merged-away ids too: a row written for one of them while the
+        // merge committed would otherwise stay behind.
+        let mut erased = merged.clone();
+        erased.push(contact_id);
         for table in [
             "identities",
             "notes",
@@ -65,24 +81,22 @@ impl Store {
             "contacts",
         ] {
             sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DELETE FROM {table} WHERE workspace_id = $1 AND contact_id = $2"
+                "DELETE FROM {table} WHERE workspace_id = $1 AND contact_id = ANY($2)"
             )))
             .bind(workspace.0)
-            .bind(contact_id)
+            .bind(&erased)
             .execute(&mut *transaction)
             .await
             .map_err(map_db_error)?;
         }
         sqlx::query(
-            "UPDATE deals SET contact_id = NULL WHERE workspace_id = $1 AND contact_id = $2",
+            "UPDATE deals SET contact_id = NULL WHERE workspace_id = $1 AND contact_id = ANY($2)",
         )
         .bind(workspace.0)
-        .bind(contact_id)
+        .bind(&erased)
         .execute(&mut *transaction)
         .await
         .map_err(map_db_error)?;
-        let mut erased = merged.clone();
-        erased.push(contact_id);
         sqlx::query(
             "INSERT INTO erased_contacts (workspace_id, contact_id) SELECT $1, * FROM UNNEST($2::uuid[])
              ON CONFLICT DO NOTHING",

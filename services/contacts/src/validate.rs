@@ -64,7 +64,15 @@ pub fn normalise_phone(raw: &str) -> Result<String, &'static str> {
 }
 
 pub fn check_text(field: &str, value: &str, violations: &mut Vec<FieldViolation>) {
-    if value.chars().count() > MAX_TEXT {
+    if value
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        violations.push(FieldViolation {
+            field: field.to_owned(),
+            description: "holds a control character".into(),
+        });
+    } else if value.chars().count() > MAX_TEXT {
         violations.push(FieldViolation {
             field: field.to_owned(),
             description: format!("is longer than {MAX_TEXT} characters"),

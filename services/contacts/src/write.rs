@@ -398,9 +398,16 @@ impl Plan {
         let now = self.now;
         let working = self.contacts.get_mut(&survivor).expect("survivor planned");
         fold_row(&mut working.row, &gone.row, now);
-        working.merged.push(merged);
+        // A contact this write created and folded at once was never stored:
+        // nobody needs to hear that it went.
+        if gone.before.is_some() {
+            working.merged.push(merged);
+        }
         working.merged.extend(gone.merged);
-        working.consent_log.extend(gone.consent_log);
+        working.field_times.extend(gone.field_times);
+        if working.confirmation.is_none() {
+            working.confirmation = gone.confirmation;
+        }
     }
 }
 
@@ -718,7 +725,9 @@ impl Store {
         request_id: Option<&str>,
         input: ContactInput,
     ) -> Result<UpsertOutcome, ApiError> {
-        self.write(workspace, request_id, vec![input], false)
+        // Request ids of single and batch upserts are apart.
+        let request_id = request_id.map(|id| format!("upsert:{id}"));
+        self.write(workspace, request_id.as_deref(), vec![input], false)
             .await?
             .pop()
             .expect("one result per input")
@@ -1046,6 +1055,23 @@ impl Store {
                     },
                 },
             ));
+            // A new contact that absorbed anonymous ones: created, then
+            // merged, so the other services drop the merged ids.
+            if change_type == ChangeType::Created && !working.merged.is_empty() {
+                events.push(event_record(
+                    workspace,
+                    ContactChanged {
+                        contact_id: contact_id.clone(),
+                        change_type: ChangeType::Merged.into(),
+                        contact: Some(
+                            row.snapshot(identities_by_contact.get(id).map_or(&[], Vec::as_slice)),
+                        ),
+                        merged_contact_ids: working.merged.iter().map(Uuid::to_string).collect(),
+                        source: working.source.clone(),
+                        ..Default::default()
+                    },
+                ));
+            }
             if let Some(request) = &working.confirmation
                 && row.consent(Channel::Email).status() == ConsentStatus::Pending
             {
@@ -1188,7 +1214,13 @@ impl Store {
 
         let outcomes: Vec<Result<(Uuid, bool), ApiError>> = planned
             .into_iter()
-            .map(|result| result.map(|(id, created)| (plan.survivor(id), created)))
+            .map(|result| {
+                result.map(|(id, created)| {
+                    let id = plan.survivor(id);
+                    // Created only if what it became was new as well.
+                    (id, created && plan.contacts[&id].before.is_none())
+                })
+            })
             .collect();
         if let Some(request_id) = request_id {
             let ids: Vec<Uuid> = outcomes
