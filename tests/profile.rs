@@ -368,6 +368,25 @@ async fn identities_resolve_the_contact_and_merges_keep_everything() {
         .into_inner()
         .changes;
     assert_eq!(scores.len(), 2, "both contacts' score history is kept");
+    let history = contacts
+        .export_contact(with_key(
+            ExportContactRequest {
+                contact_id: carol.contact_id.clone(),
+            },
+            key,
+        ))
+        .await
+        .expect("export")
+        .into_inner();
+    assert!(
+        history
+            .consent_changes
+            .iter()
+            .any(|c| c.status() == ConsentStatus::Unsubscribed && c.reason == "merge (manual)"),
+        "the merge's consent change is logged: {:?}",
+        history.consent_changes
+    );
+    assert_eq!(history.merged_contact_ids, [carol_work.contact_id.clone()]);
 
     // Identities of two known people in one upsert: refused, nothing written.
     let conflict = contacts

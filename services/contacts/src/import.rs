@@ -356,6 +356,21 @@ impl Store {
                 );
                 continue;
             }
+            if let Some(company_id) = input.company_id
+                && !self.company_exists(workspace, company_id).await?
+            {
+                fail(
+                    response,
+                    RowError {
+                        row: number,
+                        field: "company_id".into(),
+                        description: format!(
+                            "company {company_id} does not exist in this workspace"
+                        ),
+                    },
+                );
+                continue;
+            }
             input.stage_cause = if stage_cause.is_empty() {
                 "import".into()
             } else {

@@ -1345,6 +1345,39 @@ impl Store {
         }
         row.updated_at = now;
         save_rows(&mut transaction, &[&row]).await?;
+        // What the fold changed in the stage or consent goes in their logs.
+        if row.lifecycle_stage != before.lifecycle_stage {
+            sqlx::query(
+                "INSERT INTO stage_changes (workspace_id, contact_id, change_id, stage, previous_stage, cause)
+                 VALUES ($1, $2, $3, $4, $5, 'merge')",
+            )
+            .bind(workspace.0)
+            .bind(survivor)
+            .bind(rapport_core::ids::new_id())
+            .bind(&row.lifecycle_stage)
+            .bind(&before.lifecycle_stage)
+            .execute(&mut *transaction)
+            .await
+            .map_err(map_db_error)?;
+        }
+        for channel in [Channel::Email, Channel::Sms] {
+            let (old, new) = (before.consent(channel), row.consent(channel));
+            if old.status != new.status {
+                sqlx::query(
+                    "INSERT INTO consent_changes (workspace_id, contact_id, channel, status, previous_status, reason)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(workspace.0)
+                .bind(survivor)
+                .bind(channel.as_str())
+                .bind(&new.status)
+                .bind(&old.status)
+                .bind(format!("merge ({})", new.reason))
+                .execute(&mut *transaction)
+                .await
+                .map_err(map_db_error)?;
+            }
+        }
         let identities = identities_of(&mut *transaction, workspace, &[survivor]).await?;
         let changed = changed_fields(&before, &row);
         timeline::insert(
