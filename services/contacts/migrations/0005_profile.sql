@@ -3,8 +3,9 @@
 -- merges, erasures, custom-field definitions, score log, companies, orders
 -- and the timeline beside it.
 
--- Emails are identities now (one owner per address, in `identities`); a
--- contact may have none (anonymous, or known by an external id).
+-- Emails are identities now (one owner per address, in `identities`, which
+-- is also where lookups by email go); a contact may have none (anonymous, or
+-- known by an external id).
 ALTER TABLE contacts DROP CONSTRAINT contacts_email_unique;
 ALTER TABLE contacts
     ADD COLUMN job_title TEXT NOT NULL DEFAULT '',
@@ -22,7 +23,6 @@ ALTER TABLE contacts
     ADD COLUMN last_purchase_at TIMESTAMPTZ,
     ADD COLUMN spend JSONB NOT NULL DEFAULT '[]';
 
-CREATE INDEX contacts_email ON contacts (workspace_id, email) WHERE email <> '';
 CREATE INDEX contacts_owner ON contacts (workspace_id, owner_id, contact_id DESC) WHERE owner_id <> '';
 CREATE INDEX contacts_company ON contacts (workspace_id, company_id) WHERE company_id IS NOT NULL;
 -- Filters on any custom field value (containment) and on tags.
