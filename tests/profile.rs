@@ -1985,3 +1985,71 @@ async fn crm_sync_resolves_conflicts_per_field_and_dead_letters_what_cannot_appl
         .contacts;
     assert_eq!(all.len(), 1, "dead-lettered records wrote nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_stops_email_to_the_contact_and_reaches_its_timeline() {
+    use rapport_bus::EventBus;
+    use rapport_proto::events::v1::MessageEvent;
+    use rapport_proto::events::v1::message_event::{Channel as MessageChannel, Status};
+
+    let platform = Platform::start_on_kafka(Layout::OneProcess, Vec::new()).await;
+    let acme = platform.create_workspace("Acme").await;
+    let key = acme.api_key.as_str();
+    let mut contacts = client(&platform).await;
+    let (ada, _) = upsert(
+        &mut contacts,
+        key,
+        Contact {
+            email: "ada@example.com".into(),
+            email_consent: Some(Consent {
+                status: ConsentStatus::Subscribed.into(),
+                reason: "form".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+
+    let mut settings = rapport_bus::kafka::KafkaSettings::new(platform.kafka_brokers());
+    settings.namespace = platform.kafka_namespace().to_owned();
+    let bus = rapport_bus::kafka::KafkaBus::connect(settings).expect("kafka");
+    let bounce = rapport_bus::envelope::new_envelope(
+        &acme.workspace_id,
+        "messaging",
+        Payload::MessageEvent(MessageEvent {
+            message_id: uuid::Uuid::now_v7().to_string(),
+            contact_id: ada.contact_id.clone(),
+            channel: MessageChannel::Email.into(),
+            status: Status::Bounced.into(),
+            reason: "550 mailbox unavailable".into(),
+            ..Default::default()
+        }),
+    );
+    bus.publish(rapport_bus::envelope::to_record(
+        topics::MESSAGE_LIFECYCLE,
+        &ada.contact_id,
+        &bounce,
+    ))
+    .await
+    .expect("publish");
+
+    let stopped = eventually("the bounce to stop email", &platform, || {
+        let mut contacts = contacts.clone();
+        let id = ada.contact_id.clone();
+        async move {
+            let contact = get(&mut contacts, key, &id).await.ok()?;
+            let consent = contact.email_consent.clone()?;
+            (consent.status() == ConsentStatus::Unsubscribed).then_some(consent)
+        }
+    })
+    .await;
+    assert_eq!(stopped.reason, "bounced");
+    let entries = timeline(&mut contacts, key, &ada.contact_id).await;
+    let message = entries
+        .iter()
+        .find(|e| e.kind() == TimelineKind::Message)
+        .expect("the bounce on the timeline");
+    assert_eq!(message.summary, "Email bounced");
+    assert!(kinds(&entries).contains(&TimelineKind::ConsentChanged));
+}
