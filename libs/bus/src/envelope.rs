@@ -5,6 +5,8 @@ use prost::Message;
 use rapport_proto::events::v1::Envelope;
 use rapport_proto::events::v1::envelope::Payload;
 
+use rapport_core::WorkspaceId;
+
 use crate::{HandlerError, Record, headers};
 
 pub const CONTENT_TYPE_PROTOBUF: &str = "application/x-protobuf; proto=rapport.events.v1.Envelope";
@@ -65,4 +67,17 @@ pub fn decode(record: &Record) -> Result<Envelope, HandlerError> {
         ));
     }
     Ok(envelope)
+}
+
+/// The workspace an envelope belongs to; a record without a valid one can
+/// never be handled.
+pub fn workspace(envelope: &Envelope) -> Result<WorkspaceId, HandlerError> {
+    parse_workspace(&envelope.workspace_id)
+}
+
+/// [`workspace`] from the id as text.
+pub fn parse_workspace(workspace_id: &str) -> Result<WorkspaceId, HandlerError> {
+    workspace_id
+        .parse()
+        .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))
 }

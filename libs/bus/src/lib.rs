@@ -109,6 +109,33 @@ pub enum HandlerError {
     Permanent(String),
 }
 
+/// A failure of the service's own logic, handling a record: what may pass
+/// (an unavailable or aborted database, a deadline, an internal error, or a
+/// concurrent writer's ALREADY_EXISTS, which the retry finds) is retried;
+/// everything else is the record's fault and is dead-lettered with the
+/// reason and its field violations.
+impl From<rapport_core::ApiError> for HandlerError {
+    fn from(error: rapport_core::ApiError) -> Self {
+        use rapport_core::ErrorCode;
+        let mut reason = error.message;
+        if !error.field_violations.is_empty() {
+            let details: Vec<String> = error
+                .field_violations
+                .iter()
+                .map(|v| format!("{}: {}", v.field, v.description))
+                .collect();
+            reason = format!("{reason} ({})", details.join("; "));
+        }
+        if error.code.is_retryable()
+            || matches!(error.code, ErrorCode::Internal | ErrorCode::AlreadyExists)
+        {
+            HandlerError::Retryable(reason)
+        } else {
+            HandlerError::Permanent(reason)
+        }
+    }
+}
+
 /// Processes one record. It must be idempotent: a record can arrive again
 /// after a crash between handling and commit.
 #[async_trait]

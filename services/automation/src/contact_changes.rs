@@ -98,10 +98,7 @@ impl Handler for ContactChangeHandler {
                 "contact change without a contact_id".into(),
             ));
         }
-        let workspace: Uuid = incoming
-            .workspace_id
-            .parse()
-            .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
+        let workspace = envelope::workspace(&incoming)?.0;
         let retryable = |error: sqlx::Error| HandlerError::Retryable(error.to_string());
         let mut transaction = self.pool.begin().await.map_err(retryable)?;
         let (stopped, detail) = if change_type == ChangeType::Erased {

@@ -87,10 +87,7 @@ impl Handler for EnrolmentHandler {
         if change.change() != Change::Entered {
             return Ok(());
         }
-        let workspace: Uuid = incoming
-            .workspace_id
-            .parse()
-            .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
+        let workspace = envelope::workspace(&incoming)?.0;
         let retryable = |error: sqlx::Error| HandlerError::Retryable(error.to_string());
         let mut transaction = self.pool.begin().await.map_err(retryable)?;
         let journeys: Vec<(Uuid, Vec<u8>)> =

@@ -137,11 +137,8 @@ fn text_violation(
             field: field.into(),
             description: "is required".into(),
         });
-    } else if value.chars().count() > max {
-        violations.push(FieldViolation {
-            field: field.into(),
-            description: format!("is longer than {max} characters"),
-        });
+    } else {
+        crate::validate::check_text_within(field, value, max, violations);
     }
 }
 

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rapport_bus::{Delivery, Handler, HandlerError, envelope};
 use rapport_core::json::{json_to_struct, struct_to_json};
-use rapport_core::{ApiError, ErrorCode, WorkspaceId};
+use rapport_core::{ApiError, WorkspaceId};
 use rapport_db::map_db_error;
 use rapport_proto::contacts::v1::Contact;
 use rapport_proto::events::v1::envelope::Payload;
@@ -33,64 +33,20 @@ use uuid::Uuid;
 
 use crate::store::Store;
 use crate::timeline::{self, Entry};
-use crate::validate::{check_contact, normalise_email, normalise_external_id};
+use crate::validate::{check_contact, normalise_email, normalise_external_id, text_field};
 
 pub struct CrmHandler {
     pub store: Arc<Store>,
 }
 
-/// Maps a store error to retry (the database) or dead-letter (the record).
-pub fn retry_or_fail(error: ApiError) -> HandlerError {
-    let describe = || {
-        let details: Vec<String> = error
-            .field_violations
-            .iter()
-            .map(|v| format!("{}: {}", v.field, v.description))
-            .collect();
-        if details.is_empty() {
-            error.message.clone()
-        } else {
-            format!("{} ({})", error.message, details.join("; "))
-        }
-    };
-    if error.code.is_retryable()
-        || matches!(
-            error.code,
-            ErrorCode::Internal | ErrorCode::AlreadyExists | ErrorCode::Aborted
-        )
-    {
-        HandlerError::Retryable(describe())
-    } else {
-        HandlerError::Permanent(describe())
-    }
-}
-
-/// Fields a connector may set, beside custom field keys.
-const TEXT_FIELDS: [&str; 11] = [
-    "email",
-    "phone",
-    "first_name",
-    "last_name",
-    "company",
-    "job_title",
-    "time_zone",
-    "locale",
-    "country",
-    "owner_id",
-    "lifecycle_stage",
-];
-
 #[async_trait]
 impl Handler for CrmHandler {
     async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
         let envelope = envelope::decode(&delivery.record)?;
+        let workspace = envelope::workspace(&envelope)?;
         let Some(Payload::InboundSync(sync)) = envelope.payload else {
             return Err(HandlerError::Permanent("not an InboundSync record".into()));
         };
-        let workspace: WorkspaceId = envelope
-            .workspace_id
-            .parse()
-            .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
         let connector = sync.connector.trim().to_lowercase();
         if connector.is_empty()
             || connector.len() > 40
@@ -162,7 +118,7 @@ impl CrmHandler {
             .store
             .find_by_identity(workspace, "external", external_id)
             .await
-            .map_err(retry_or_fail)?;
+            .map_err(HandlerError::from)?;
         if existing.is_none()
             && let Some(Value::String(email)) = fields.get("email")
         {
@@ -170,14 +126,14 @@ impl CrmHandler {
                 .store
                 .find_by_identity(workspace, "email", email)
                 .await
-                .map_err(retry_or_fail)?;
+                .map_err(HandlerError::from)?;
         }
         let held: HashMap<String, DateTime<Utc>> = match existing {
             Some(contact_id) => self
                 .store
                 .field_times(workspace, contact_id)
                 .await
-                .map_err(retry_or_fail)?,
+                .map_err(HandlerError::from)?,
             None => HashMap::new(),
         };
         let mut contact = Contact {
@@ -205,31 +161,18 @@ impl CrmHandler {
                         }
                     }
                 }
-                name if TEXT_FIELDS.contains(&name) => {
-                    let Value::String(text) = &value else {
+                name => match (text_field(&mut contact, name), &value) {
+                    (Some(slot), Value::String(text)) => slot.clone_from(text),
+                    (Some(_), _) => {
                         return Err(HandlerError::Permanent(format!(
                             "field {name} must be a string"
                         )));
-                    };
-                    let slot = match name {
-                        "email" => &mut contact.email,
-                        "phone" => &mut contact.phone,
-                        "first_name" => &mut contact.first_name,
-                        "last_name" => &mut contact.last_name,
-                        "company" => &mut contact.company,
-                        "job_title" => &mut contact.job_title,
-                        "time_zone" => &mut contact.time_zone,
-                        "locale" => &mut contact.locale,
-                        "country" => &mut contact.country,
-                        "owner_id" => &mut contact.owner_id,
-                        _ => &mut contact.lifecycle_stage,
-                    };
-                    slot.clone_from(text);
-                }
-                // Anything else must be a custom field; the write checks it.
-                key => {
-                    custom.insert(key.to_owned(), value.clone());
-                }
+                    }
+                    // Anything else must be a custom field; the write checks it.
+                    (None, _) => {
+                        custom.insert(name.to_owned(), value.clone());
+                    }
+                },
             }
             applied.push(field);
         }
@@ -242,7 +185,7 @@ impl CrmHandler {
         let mut violations = Vec::new();
         let mut input = check_contact(&contact, "fields", &mut violations);
         if !violations.is_empty() {
-            return Err(retry_or_fail(ApiError::invalid_fields(violations)));
+            return Err(HandlerError::from(ApiError::invalid_fields(violations)));
         }
         input.stage_cause = format!("crm:{connector}");
         input.field_times = applied
@@ -253,7 +196,7 @@ impl CrmHandler {
             .upsert(workspace, None, input)
             .await
             .map(|_| ())
-            .map_err(retry_or_fail)
+            .map_err(HandlerError::from)
     }
 
     async fn deal(
@@ -280,7 +223,7 @@ impl CrmHandler {
                 self.store
                     .find_by_identity(workspace, "external", &id)
                     .await
-                    .map_err(retry_or_fail)?
+                    .map_err(HandlerError::from)?
             }
         };
         let (currency, amount) = deal
@@ -299,7 +242,7 @@ impl CrmHandler {
                 source_time,
             )
             .await
-            .map_err(retry_or_fail)
+            .map_err(HandlerError::from)
     }
 }
 

@@ -13,24 +13,14 @@ use tokio::sync::mpsc;
 
 use crate::fields;
 use crate::store::Store;
-use crate::validate::check_contact;
+use crate::validate::{check_contact, text_field};
 
 const BATCH: usize = 500;
 const MAX_ERRORS: usize = 1_000;
-/// Columns that are not custom fields.
-const STANDARD: [&str; 21] = [
+/// Columns that are not custom fields, beside the text fields
+/// ([`text_field`]).
+const STANDARD: [&str; 10] = [
     "contact_id",
-    "email",
-    "phone",
-    "first_name",
-    "last_name",
-    "company",
-    "job_title",
-    "time_zone",
-    "locale",
-    "country",
-    "owner_id",
-    "lifecycle_stage",
     "company_id",
     "tags",
     "external_id",
@@ -99,17 +89,6 @@ fn row_to_contact(
         };
         match column.as_str() {
             "contact_id" => contact.contact_id = value.to_owned(),
-            "email" => contact.email = value.to_owned(),
-            "phone" => contact.phone = value.to_owned(),
-            "first_name" => contact.first_name = value.to_owned(),
-            "last_name" => contact.last_name = value.to_owned(),
-            "company" => contact.company = value.to_owned(),
-            "job_title" => contact.job_title = value.to_owned(),
-            "time_zone" => contact.time_zone = value.to_owned(),
-            "locale" => contact.locale = value.to_owned(),
-            "country" => contact.country = value.to_owned(),
-            "owner_id" => contact.owner_id = value.to_owned(),
-            "lifecycle_stage" => contact.lifecycle_stage = value.to_owned(),
             "company_id" => contact.company_id = value.to_owned(),
             "tags" => contact.tags = list(),
             "external_id" | "external_ids" => contact.external_ids = list(),
@@ -135,9 +114,12 @@ fn row_to_contact(
                     update_time: None,
                 });
             }
-            key => {
-                custom.insert(key.to_owned(), serde_json::Value::String(value.to_owned()));
-            }
+            name => match text_field(&mut contact, name) {
+                Some(slot) => *slot = value.to_owned(),
+                None => {
+                    custom.insert(name.to_owned(), serde_json::Value::String(value.to_owned()));
+                }
+            },
         }
     }
     if !touch.source.is_empty() || !touch.campaign.is_empty() {
@@ -176,7 +158,9 @@ fn parse(reader: ChunkReader, custom_keys: Vec<String>, rows: mpsc::Sender<Parse
         });
     }
     for (index, column) in header.iter().enumerate() {
-        if !STANDARD.contains(&column.as_str()) && !custom_keys.contains(column) {
+        let standard = STANDARD.contains(&column.as_str())
+            || text_field(&mut Contact::default(), column).is_some();
+        if !standard && !custom_keys.contains(column) {
             violations.push(FieldViolation {
                 field: format!("columns[{index}]"),
                 description: format!(

@@ -44,10 +44,7 @@ fn text(traits: &serde_json::Value, names: &[&str]) -> String {
 impl Handler for IngestedEventHandler {
     async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
         let envelope = envelope::decode(&delivery.record)?;
-        let workspace: WorkspaceId = envelope
-            .workspace_id
-            .parse()
-            .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
+        let workspace = envelope::workspace(&envelope)?;
         let event = match envelope.payload {
             Some(Payload::IngestedEvent(event)) => event,
             Some(Payload::MessageEvent(message)) => {
@@ -79,7 +76,7 @@ impl Handler for IngestedEventHandler {
                 Ok(_) => Ok(()),
                 // Erased or never here: nothing to record.
                 Err(error) if error.code == rapport_core::ErrorCode::NotFound => Ok(()),
-                Err(error) => Err(retry_or_fail(error)),
+                Err(error) => Err(HandlerError::from(error)),
             };
         }
         let traits = event
@@ -130,7 +127,7 @@ impl Handler for IngestedEventHandler {
                 anonymous.as_deref(),
             )
             .await
-            .map_err(retry_or_fail)?
+            .map_err(HandlerError::from)?
         };
         let Some(contact_id) = contact_id else {
             // Anonymous activity of nobody known yet.
@@ -144,7 +141,7 @@ impl Handler for IngestedEventHandler {
         self.store
             .add_entries(workspace, &[entry])
             .await
-            .map_err(retry_or_fail)
+            .map_err(HandlerError::from)
     }
 }
 
@@ -221,9 +218,9 @@ impl IngestedEventHandler {
                     .upsert(workspace, None, input)
                     .await
                     .map(|outcome| outcome.profile.row.contact_id)
-                    .map_err(retry_or_fail)
+                    .map_err(HandlerError::from)
             }
-            Err(error) => Err(retry_or_fail(error)),
+            Err(error) => Err(HandlerError::from(error)),
         }
     }
 
@@ -269,7 +266,7 @@ impl IngestedEventHandler {
         let contact_id = match self.store.get(workspace, contact_id).await {
             Ok(row) => row.contact_id,
             Err(error) if error.code == rapport_core::ErrorCode::NotFound => return Ok(()),
-            Err(error) => return Err(retry_or_fail(error)),
+            Err(error) => return Err(HandlerError::from(error)),
         };
         // A bounce or a complaint means: do not contact on that channel.
         let do_not_contact = match message.status() {
@@ -294,7 +291,7 @@ impl IngestedEventHandler {
             {
                 Ok(_) => {}
                 Err(error) if error.code == rapport_core::ErrorCode::NotFound => return Ok(()),
-                Err(error) => return Err(retry_or_fail(error)),
+                Err(error) => return Err(HandlerError::from(error)),
             }
         }
         let status = message
@@ -321,7 +318,7 @@ impl IngestedEventHandler {
         self.store
             .add_entries(workspace, &[entry])
             .await
-            .map_err(retry_or_fail)
+            .map_err(HandlerError::from)
     }
 }
 
@@ -389,12 +386,6 @@ fn describe(event: &IngestedEvent, properties: &serde_json::Value) -> (String, s
         details["intent_signals"] = serde_json::json!(event.intent_signals);
     }
     (summary, details)
-}
-
-/// ALREADY_EXISTS means another writer created the same identity a moment
-/// ago; the retry finds it and updates it instead.
-fn retry_or_fail(error: rapport_core::ApiError) -> HandlerError {
-    crate::crm::retry_or_fail(error)
 }
 
 /// Standard contact fields, which traits fill directly; other traits become

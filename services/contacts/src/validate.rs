@@ -64,6 +64,17 @@ pub fn normalise_phone(raw: &str) -> Result<String, &'static str> {
 }
 
 pub fn check_text(field: &str, value: &str, violations: &mut Vec<FieldViolation>) {
+    check_text_within(field, value, MAX_TEXT, violations);
+}
+
+/// Text of at most `max` characters, without control characters other than
+/// tab and line breaks.
+pub fn check_text_within(
+    field: &str,
+    value: &str,
+    max: usize,
+    violations: &mut Vec<FieldViolation>,
+) {
     if value
         .chars()
         .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
@@ -72,12 +83,31 @@ pub fn check_text(field: &str, value: &str, violations: &mut Vec<FieldViolation>
             field: field.to_owned(),
             description: "holds a control character".into(),
         });
-    } else if value.chars().count() > MAX_TEXT {
+    } else if value.chars().count() > max {
         violations.push(FieldViolation {
             field: field.to_owned(),
-            description: format!("is longer than {MAX_TEXT} characters"),
+            description: format!("is longer than {max} characters"),
         });
     }
+}
+
+/// The contact's plain text field called `name`, for writes that name
+/// fields (CRM sync, CSV columns); None for any other name.
+pub fn text_field<'a>(contact: &'a mut Contact, name: &str) -> Option<&'a mut String> {
+    Some(match name {
+        "email" => &mut contact.email,
+        "phone" => &mut contact.phone,
+        "first_name" => &mut contact.first_name,
+        "last_name" => &mut contact.last_name,
+        "company" => &mut contact.company,
+        "job_title" => &mut contact.job_title,
+        "time_zone" => &mut contact.time_zone,
+        "locale" => &mut contact.locale,
+        "country" => &mut contact.country,
+        "owner_id" => &mut contact.owner_id,
+        "lifecycle_stage" => &mut contact.lifecycle_stage,
+        _ => return None,
+    })
 }
 
 /// Checks an external id, `system:id`: a lower-case system name, a colon,

@@ -1129,47 +1129,8 @@ impl Store {
             .await
             .map_err(map_db_error)?;
         }
-        if !stage_log.is_empty() {
-            let (contacts, (stages, (previous, causes))): (
-                Vec<Uuid>,
-                (Vec<String>, (Vec<String>, Vec<String>)),
-            ) = stage_log
-                .into_iter()
-                .map(|(id, stage, previous, cause)| (id, (stage, (previous, cause))))
-                .unzip();
-            let change_ids: Vec<Uuid> = contacts
-                .iter()
-                .map(|_| rapport_core::ids::new_id())
-                .collect();
-            sqlx::query(
-                "INSERT INTO stage_changes (workspace_id, contact_id, change_id, stage, previous_stage, cause)
-                 SELECT $1, * FROM UNNEST($2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[])",
-            )
-            .bind(workspace.0)
-            .bind(&contacts)
-            .bind(&change_ids)
-            .bind(&stages)
-            .bind(&previous)
-            .bind(&causes)
-            .execute(&mut *transaction)
-            .await
-            .map_err(map_db_error)?;
-        }
-        for (id, channel, status, previous, reason) in consent_log {
-            sqlx::query(
-                "INSERT INTO consent_changes (workspace_id, contact_id, channel, status, previous_status, reason)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(workspace.0)
-            .bind(id)
-            .bind(channel.as_str())
-            .bind(status)
-            .bind(previous)
-            .bind(reason)
-            .execute(&mut *transaction)
-            .await
-            .map_err(map_db_error)?;
-        }
+        log_stages(&mut transaction, workspace, &stage_log).await?;
+        log_consent(&mut transaction, workspace, &consent_log).await?;
         // The newest source time per (contact, field) this write sets.
         let mut times: HashMap<(Uuid, &str), (&str, DateTime<Utc>)> = HashMap::new();
         for id in &plan.order {
@@ -1347,37 +1308,25 @@ impl Store {
         save_rows(&mut transaction, &[&row]).await?;
         // What the fold changed in the stage or consent goes in their logs.
         if row.lifecycle_stage != before.lifecycle_stage {
-            sqlx::query(
-                "INSERT INTO stage_changes (workspace_id, contact_id, change_id, stage, previous_stage, cause)
-                 VALUES ($1, $2, $3, $4, $5, 'merge')",
-            )
-            .bind(workspace.0)
-            .bind(survivor)
-            .bind(rapport_core::ids::new_id())
-            .bind(&row.lifecycle_stage)
-            .bind(&before.lifecycle_stage)
-            .execute(&mut *transaction)
-            .await
-            .map_err(map_db_error)?;
+            let change = (
+                survivor,
+                row.lifecycle_stage.clone(),
+                before.lifecycle_stage.clone(),
+                "merge".to_owned(),
+            );
+            log_stages(&mut transaction, workspace, &[change]).await?;
         }
-        for channel in [Channel::Email, Channel::Sms] {
-            let (old, new) = (before.consent(channel), row.consent(channel));
-            if old.status != new.status {
-                sqlx::query(
-                    "INSERT INTO consent_changes (workspace_id, contact_id, channel, status, previous_status, reason)
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(workspace.0)
-                .bind(survivor)
-                .bind(channel.as_str())
-                .bind(&new.status)
-                .bind(&old.status)
-                .bind(format!("merge ({})", new.reason))
-                .execute(&mut *transaction)
-                .await
-                .map_err(map_db_error)?;
-            }
-        }
+        let consent: Vec<ConsentLog> = [Channel::Email, Channel::Sms]
+            .into_iter()
+            .filter_map(|channel| {
+                let (old, new) = (before.consent(channel), row.consent(channel));
+                (old.status != new.status).then(|| {
+                    let reason = format!("merge ({})", new.reason);
+                    (survivor, channel, new.status, old.status, reason)
+                })
+            })
+            .collect();
+        log_consent(&mut transaction, workspace, &consent).await?;
         let identities = identities_of(&mut *transaction, workspace, &[survivor]).await?;
         let changed = changed_fields(&before, &row);
         timeline::insert(
@@ -1407,6 +1356,71 @@ impl Store {
         self.waker.wake();
         Ok(Profile { row, identities })
     }
+}
+
+/// A row of `stage_changes`: contact, stage, previous stage, cause.
+type StageLog = (Uuid, String, String, String);
+/// A row of `consent_changes`: contact, channel, status, previous, reason.
+type ConsentLog = (Uuid, Channel, String, String, String);
+
+/// Adds rows to `stage_changes` in one statement.
+async fn log_stages(
+    transaction: &mut Transaction<'_, Postgres>,
+    workspace: WorkspaceId,
+    rows: &[StageLog],
+) -> Result<(), ApiError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let contacts: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
+    let change_ids: Vec<Uuid> = rows.iter().map(|_| rapport_core::ids::new_id()).collect();
+    let stages: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    let previous: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+    let causes: Vec<&str> = rows.iter().map(|r| r.3.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO stage_changes (workspace_id, contact_id, change_id, stage, previous_stage, cause)
+         SELECT $1, * FROM UNNEST($2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[])",
+    )
+    .bind(workspace.0)
+    .bind(&contacts)
+    .bind(&change_ids)
+    .bind(&stages)
+    .bind(&previous)
+    .bind(&causes)
+    .execute(&mut **transaction)
+    .await
+    .map_err(map_db_error)?;
+    Ok(())
+}
+
+/// Adds rows to `consent_changes` in one statement.
+async fn log_consent(
+    transaction: &mut Transaction<'_, Postgres>,
+    workspace: WorkspaceId,
+    rows: &[ConsentLog],
+) -> Result<(), ApiError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let contacts: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
+    let channels: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    let statuses: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+    let previous: Vec<&str> = rows.iter().map(|r| r.3.as_str()).collect();
+    let reasons: Vec<&str> = rows.iter().map(|r| r.4.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO consent_changes (workspace_id, contact_id, channel, status, previous_status, reason)
+         SELECT $1, * FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])",
+    )
+    .bind(workspace.0)
+    .bind(&contacts)
+    .bind(&channels)
+    .bind(&statuses)
+    .bind(&previous)
+    .bind(&reasons)
+    .execute(&mut **transaction)
+    .await
+    .map_err(map_db_error)?;
+    Ok(())
 }
 
 /// One INVALID_ARGUMENT holding every input's violations, or the first

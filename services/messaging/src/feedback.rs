@@ -11,7 +11,6 @@
 use async_trait::async_trait;
 use rapport_bus::{Delivery, Handler, HandlerError, envelope, topics};
 use rapport_core::json::struct_to_json;
-use rapport_core::{ErrorCode, WorkspaceId};
 use rapport_db::outbox::{self, OutboxWaker};
 use rapport_proto::events::v1::ConsentRequested;
 use rapport_proto::events::v1::ContactChanged;
@@ -54,10 +53,7 @@ impl Handler for FeedbackHandler {
             Kind::Unsubscribed => Status::Unsubscribed,
             _ => return Ok(()),
         };
-        let workspace: uuid::Uuid = incoming
-            .workspace_id
-            .parse()
-            .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
+        let workspace = envelope::workspace(&incoming)?.0;
         let properties = event
             .properties
             .as_ref()
@@ -188,9 +184,7 @@ impl FeedbackHandler {
                 "contact change without a contact_id".into(),
             ));
         }
-        let workspace: uuid::Uuid = workspace
-            .parse()
-            .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
+        let workspace = envelope::parse_workspace(workspace)?.0;
         let merged: Vec<String> = change
             .merged_contact_ids
             .iter()
@@ -255,17 +249,13 @@ impl FeedbackHandler {
         workspace: &str,
         requested: &ConsentRequested,
     ) -> Result<(), HandlerError> {
-        let workspace: WorkspaceId = workspace
-            .parse()
-            .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
-        match self.sender.send_confirmation(workspace, requested).await {
-            Ok(_) => Ok(()),
-            Err(error) if error.code.is_retryable() || error.code == ErrorCode::Internal => {
-                Err(HandlerError::Retryable(error.message))
-            }
-            // No such template, or nothing to send to: the dead-letter topic
-            // keeps the request and its reason.
-            Err(error) => Err(HandlerError::Permanent(error.message)),
-        }
+        let workspace = envelope::parse_workspace(workspace)?;
+        // No such template, or nothing to send to, is dead-lettered: the
+        // dead-letter topic keeps the request and its reason.
+        self.sender
+            .send_confirmation(workspace, requested)
+            .await
+            .map(|_| ())
+            .map_err(HandlerError::from)
     }
 }

@@ -71,10 +71,7 @@ struct Rollups {
 impl Handler for Rollups {
     async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
         let envelope = envelope::decode(&delivery.record)?;
-        let workspace: uuid::Uuid = envelope
-            .workspace_id
-            .parse()
-            .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
+        let workspace = envelope::workspace(&envelope)?.0;
         let day = envelope
             .occurred_at
             .as_ref()

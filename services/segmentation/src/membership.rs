@@ -348,10 +348,7 @@ impl Handler for ContactChangeHandler {
         let Some(Payload::ContactChanged(change)) = &envelope.payload else {
             return Ok(());
         };
-        let workspace: Uuid = envelope
-            .workspace_id
-            .parse()
-            .map_err(|_| HandlerError::Permanent("workspace_id is not a UUID".into()))?;
+        let workspace = envelope::workspace(&envelope)?.0;
         let snapshot = match change.change_type() {
             ChangeType::Erased => None,
             _ => Some(change.contact.as_ref().ok_or_else(|| {
