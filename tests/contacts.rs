@@ -14,22 +14,8 @@ use rapport_proto::contacts::v1::{
 use rapport_proto::events::v1::contact_changed::ChangeType;
 use rapport_proto::events::v1::envelope::Payload;
 use rapport_proto::service_names;
-use support::{KafkaWatcher, Layout, Platform, eventually, with_key};
+use support::{KafkaWatcher, Layout, Platform, eventually, fields_of, with_key};
 use tonic::Code;
-use tonic_types::StatusExt;
-
-fn fields_of(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_error_details()
-        .bad_request()
-        .map(|bad| {
-            bad.field_violations
-                .iter()
-                .map(|v| v.field.clone())
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 fn upsert(contact: Contact, stage_cause: &str) -> UpsertContactRequest {
     UpsertContactRequest {

@@ -18,25 +18,11 @@ use rapport_proto::events::v1::{
     ContactChanged, Envelope, InboundContact, InboundDeal, InboundSync, inbound_sync,
 };
 use rapport_proto::service_names;
-use support::{KafkaWatcher, Layout, Platform, eventually, http_with, with_key};
+use support::{KafkaWatcher, Layout, Platform, eventually, fields_of, http_with, with_key};
 use tonic::Code;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 
 type Client = ContactsServiceClient<Channel>;
-
-fn fields_of(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_error_details()
-        .bad_request()
-        .map(|bad| {
-            bad.field_violations
-                .iter()
-                .map(|v| v.field.clone())
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 fn json(value: serde_json::Value) -> Option<prost_types::Struct> {
     Some(json_to_struct(&value))
@@ -1799,22 +1785,16 @@ async fn publish_sync(
     external_id: &str,
     sync: InboundSync,
 ) {
-    use rapport_bus::EventBus;
-    let mut settings = rapport_bus::kafka::KafkaSettings::new(platform.kafka_brokers());
-    settings.namespace = platform.kafka_namespace().to_owned();
-    let bus = rapport_bus::kafka::KafkaBus::connect(settings).expect("kafka");
-    let envelope = rapport_bus::envelope::new_envelope(
-        workspace_id,
-        &sync.connector.clone(),
-        Payload::InboundSync(sync),
-    );
-    bus.publish(rapport_bus::envelope::to_record(
+    let connector = sync.connector.clone();
+    support::publish(
+        platform,
         topics::CRM_INBOUND,
         external_id,
-        &envelope,
-    ))
-    .await
-    .expect("publish");
+        workspace_id,
+        &connector,
+        Payload::InboundSync(sync),
+    )
+    .await;
 }
 
 fn contact_sync(external_id: &str, minute: u32, fields: serde_json::Value) -> InboundSync {
@@ -1988,7 +1968,6 @@ async fn crm_sync_resolves_conflicts_per_field_and_dead_letters_what_cannot_appl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bounce_stops_email_to_the_contact_and_reaches_its_timeline() {
-    use rapport_bus::EventBus;
     use rapport_proto::events::v1::MessageEvent;
     use rapport_proto::events::v1::message_event::{Channel as MessageChannel, Status};
 
@@ -2011,10 +1990,10 @@ async fn a_bounce_stops_email_to_the_contact_and_reaches_its_timeline() {
     )
     .await;
 
-    let mut settings = rapport_bus::kafka::KafkaSettings::new(platform.kafka_brokers());
-    settings.namespace = platform.kafka_namespace().to_owned();
-    let bus = rapport_bus::kafka::KafkaBus::connect(settings).expect("kafka");
-    let bounce = rapport_bus::envelope::new_envelope(
+    support::publish(
+        &platform,
+        topics::MESSAGE_LIFECYCLE,
+        &ada.contact_id,
         &acme.workspace_id,
         "messaging",
         Payload::MessageEvent(MessageEvent {
@@ -2025,14 +2004,8 @@ async fn a_bounce_stops_email_to_the_contact_and_reaches_its_timeline() {
             reason: "550 mailbox unavailable".into(),
             ..Default::default()
         }),
-    );
-    bus.publish(rapport_bus::envelope::to_record(
-        topics::MESSAGE_LIFECYCLE,
-        &ada.contact_id,
-        &bounce,
-    ))
-    .await
-    .expect("publish");
+    )
+    .await;
 
     let stopped = eventually("the bounce to stop email", &platform, || {
         let mut contacts = contacts.clone();

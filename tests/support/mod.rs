@@ -560,6 +560,46 @@ pub fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
     request
 }
 
+/// A bus on the platform's Kafka namespace, as a service or a connector
+/// outside the platform would use it.
+pub fn kafka_bus(platform: &Platform) -> rapport_bus::kafka::KafkaBus {
+    let mut settings = rapport_bus::kafka::KafkaSettings::new(platform.kafka_brokers());
+    settings.namespace = platform.kafka_namespace().to_owned();
+    rapport_bus::kafka::KafkaBus::connect(settings).expect("kafka")
+}
+
+/// Publishes `payload` in an envelope of `workspace_id` from `producer` to
+/// `topic`, keyed `key`.
+pub async fn publish(
+    platform: &Platform,
+    topic: &str,
+    key: &str,
+    workspace_id: &str,
+    producer: &str,
+    payload: rapport_proto::events::v1::envelope::Payload,
+) {
+    let envelope = rapport_bus::envelope::new_envelope(workspace_id, producer, payload);
+    kafka_bus(platform)
+        .publish(rapport_bus::envelope::to_record(topic, key, &envelope))
+        .await
+        .expect("publish");
+}
+
+/// The fields a `google.rpc.BadRequest` in `status` names, in order.
+pub fn fields_of(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|bad| {
+            bad.field_violations
+                .iter()
+                .map(|v| v.field.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Reads a topic from the start and keeps the envelopes it sees.
 pub struct KafkaWatcher {
     seen: Arc<Mutex<Vec<(String, Envelope)>>>,
@@ -582,9 +622,7 @@ impl Handler for Keep {
 
 impl KafkaWatcher {
     pub async fn start(platform: &Platform, topic: &str) -> KafkaWatcher {
-        let mut settings = rapport_bus::kafka::KafkaSettings::new(platform.kafka_brokers());
-        settings.namespace = platform.kafka_namespace().to_owned();
-        let bus = rapport_bus::kafka::KafkaBus::connect(settings).expect("kafka");
+        let bus = kafka_bus(platform);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let group = format!("test-watcher-{}", uuid::Uuid::new_v4().simple());
         let consumer = bus
